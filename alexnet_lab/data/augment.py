@@ -1,0 +1,149 @@
+"""Batched augmentation on the device: one affine resample plus brightness/contrast.
+
+The whole batch is transformed with tensor ops (no per-sample Python loop, no host
+sync), in the style of cifar10-airbench. Random draws come from one `torch.rand` call
+per batch, so a seeded `torch.Generator` reproduces a batch exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_NUM_DRAWS = 7  # uniforms per sample: flip, shift x, shift y, rotate, scale, brightness, contrast
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation magnitudes; all zero (and scale (1, 1)) is the identity."""
+
+    flip: float = 0.5  # probability of a horizontal flip
+    max_shift: float = 0.1  # max translation per axis, fraction of image width/height
+    max_rotate_deg: float = 10.0  # max rotation either way, degrees
+    scale: tuple[float, float] = (0.9, 1.1)  # zoom range; > 1 magnifies the content
+    brightness: float = 0.2  # max additive change, fraction of the [0, 1] range
+    contrast: float = 0.2  # max relative change of deviations from each image's mean
+
+    def __post_init__(self) -> None:
+        # Hydra/YAML hands lists; keep the dataclass hashable and immutable.
+        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+        _check_range("flip", self.flip, 0.0, 1.0)
+        _check_range("max_shift", self.max_shift, 0.0, 1.0)
+        _check_range("max_rotate_deg", self.max_rotate_deg, 0.0, 180.0)
+        _check_range("brightness", self.brightness, 0.0, 1.0)
+        # contrast > 1 could draw a negative factor, which inverts the image
+        _check_range("contrast", self.contrast, 0.0, 1.0)
+        if len(self.scale) != 2:
+            raise ValueError(f"data.augmentation.scale must be [low, high], got {self.scale}")
+        low, high = self.scale
+        if not (0.0 < low <= high < math.inf):
+            raise ValueError(
+                f"data.augmentation.scale must satisfy 0 < low <= high, got {self.scale}"
+            )
+
+    @property
+    def geometry_is_identity(self) -> bool:
+        """True when no flip, shift, rotation or zoom can be drawn."""
+        return (
+            self.flip == 0.0
+            and self.max_shift == 0.0
+            and self.max_rotate_deg == 0.0
+            and self.scale == (1.0, 1.0)
+        )
+
+    @property
+    def photometric_is_identity(self) -> bool:
+        """True when brightness and contrast are both left alone."""
+        return self.brightness == 0.0 and self.contrast == 0.0
+
+
+def _check_range(field: str, value: float, low: float, high: float) -> None:
+    # written as `not (a <= v <= b)` so that NaN fails too
+    if not (low <= value <= high):
+        raise ValueError(f"data.augmentation.{field} must be in [{low}, {high}], got {value}")
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) in 0..255 -> float32 (B, C, H, W) in [0, 1]."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"to_float expects uint8 images, got {images.dtype}")
+    return images.to(torch.float32).div_(255.0)
+
+
+def _affine_matrices(
+    draws: torch.Tensor, config: AugmentConfig, height: int, width: int
+) -> torch.Tensor:
+    """Per-sample output->input maps in affine_grid's normalized coordinates, (B, 2, 3).
+
+    In pixel units about the image centre the content moves as
+    p_out = t + s * R(a) @ Fl @ p_in, so the sampler needs the inverse
+    p_in = Fl @ R(-a) @ (p_out - t) / s. Conjugating with D = diag(W/2, H/2) keeps
+    rotations rigid on non-square images.
+    """
+    flip = torch.where(draws[:, 0] < config.flip, -1.0, 1.0)  # (B,) sign of x
+    shift = (draws[:, 1:3] * 2.0 - 1.0) * config.max_shift  # (B, 2) fraction of W, H
+    angle = (draws[:, 3] * 2.0 - 1.0) * math.radians(config.max_rotate_deg)  # (B,) rad
+    low, high = config.scale
+    zoom = low + draws[:, 4] * (high - low)  # (B,)
+
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # (B,)
+    aspect = height / width
+    linear = torch.stack(
+        [
+            torch.stack([flip * cos, flip * sin * aspect], dim=-1),
+            torch.stack([-sin / aspect, cos], dim=-1),
+        ],
+        dim=-2,
+    )  # (B, 2, 2)
+    # a shift of f * W pixels is 2 * f in normalized units (the image spans [-1, 1])
+    offset = -(linear @ (2.0 * shift).unsqueeze(-1))  # (B, 2, 1)
+    return torch.cat([linear, offset], dim=-1)  # (B, 2, 3)
+
+
+def augment_batch(
+    images: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """float (B, C, H, W) in [0,1] -> float (B, C, H, W) in [0,1], same dtype/device.
+
+    Each sample gets its own flip, shift, rotation and zoom (one bilinear resample,
+    zeros outside the image), then brightness and contrast. `generator`, if given,
+    must live on `images.device`. With an identity config the input tensor itself
+    is returned.
+    """
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(
+            f"augment_batch expects float (B, C, H, W) images, "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    if config.geometry_is_identity and config.photometric_is_identity:
+        return images
+
+    batch, _, height, width = images.shape
+    # half precision loses sub-pixel accuracy in the sampling grid; resample in float32
+    out = images.float() if images.dtype in _HALF_DTYPES else images
+    draws = torch.rand(
+        (batch, _NUM_DRAWS), device=images.device, dtype=torch.float32, generator=generator
+    )  # (B, 7) in [0, 1)
+
+    if not config.geometry_is_identity:
+        theta = _affine_matrices(draws, config, height, width).to(out.dtype)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(out.shape), align_corners=False)  # (B, H, W, 2)
+        out = F.grid_sample(
+            out, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (B, C, H, W)
+
+    if not config.photometric_is_identity:
+        shape = (batch, 1, 1, 1)
+        offset = ((draws[:, 5] * 2.0 - 1.0) * config.brightness).view(shape).to(out.dtype)
+        factor = (1.0 + (draws[:, 6] * 2.0 - 1.0) * config.contrast).view(shape).to(out.dtype)
+        out = out + offset
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1), over channels too
+        out = (out - mean) * factor + mean
+
+    return out.clamp_(0.0, 1.0).to(images.dtype)
