@@ -1,0 +1,117 @@
+"""Split, samplers and the datamodule's batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet_lab.data.datamodule import EpochBatchSampler, ImageFolderDataModule, epoch_order, stratified_split
+
+# the notebook's imbalance: 1127 cats, 791 dogs
+LABELS = np.array([0] * 1127 + [1] * 791)
+
+
+def test_stratified_split_keeps_class_fractions_and_is_seeded():
+    train, val, test = stratified_split(LABELS, 0.15, 0.15, seed=0)
+    assert len(set(train) | set(val) | set(test)) == len(LABELS) == len(train) + len(val) + len(test)
+    for split, fraction in ((val, 0.15), (test, 0.15)):
+        counts = np.bincount(LABELS[split], minlength=2)
+        assert counts[0] == round(1127 * fraction) and counts[1] == round(791 * fraction)
+    again = stratified_split(LABELS, 0.15, 0.15, seed=0)
+    other = stratified_split(LABELS, 0.15, 0.15, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
+    assert not np.array_equal(val, other[1])
+
+
+def test_plain_epoch_visits_every_image_once_in_a_new_order_each_epoch():
+    indices = np.arange(100, 400)
+    labels = np.zeros(400, dtype=np.int64)
+    first = epoch_order(indices, labels, epoch=0, seed=0, balance=False)
+    second = epoch_order(indices, labels, epoch=1, seed=0, balance=False)
+    assert sorted(first.tolist()) == indices.tolist() == sorted(second.tolist())
+    assert not np.array_equal(first, second)
+    assert np.array_equal(first, epoch_order(indices, labels, epoch=0, seed=0, balance=False))
+
+
+def test_balanced_epoch_draws_equal_counts_per_class_and_a_fresh_majority_subset():
+    indices = np.arange(len(LABELS))
+    drawn = [epoch_order(indices, LABELS, epoch=e, seed=3, balance=True) for e in range(3)]
+    for order in drawn:
+        assert np.bincount(LABELS[order]).tolist() == [791, 791]
+        assert len(set(order.tolist())) == len(order)  # without replacement
+    cats = [set(order[LABELS[order] == 0].tolist()) for order in drawn]
+    assert cats[0] != cats[1] != cats[2]
+    # over a few epochs the balanced sampler reaches cats a single epoch leaves out
+    assert len(cats[0] | cats[1] | cats[2]) > 791
+
+
+def test_three_class_balance_uses_the_smallest_class():
+    labels = np.array([0] * 50 + [1] * 20 + [2] * 9)
+    order = epoch_order(np.arange(len(labels)), labels, epoch=0, seed=0, balance=True)
+    assert np.bincount(labels[order]).tolist() == [9, 9, 9]
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_batch_sampler_length_matches_what_it_yields_and_follows_set_epoch(balance):
+    indices = np.arange(len(LABELS))
+    sampler = EpochBatchSampler(indices, LABELS, batch_size=64, shuffle=True, balance=balance, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert all(len(b) == 64 for b in batches[:-1]) and 0 < len(batches[-1]) <= 64
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
+
+
+def test_eval_sampler_keeps_order():
+    indices = np.array([5, 2, 9, 11])
+    sampler = EpochBatchSampler(indices, np.zeros(12, dtype=np.int64), batch_size=3, shuffle=False)
+    assert list(sampler) == [[5, 2, 9], [11]]
+
+
+def test_datamodule_gives_uint8_batches_and_float_on_the_device(make_raw, tmp_path):
+    raw = make_raw({"cat": 14, "dog": 9})
+    dm = ImageFolderDataModule(
+        raw, tmp_path / "cache", image_size=64, batch_size=4, workers=1, progress=False, augment=True
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.classes == ["cat", "dog"] and dm.in_channels == 1
+    assert len(dm.train_idx) + len(dm.val_idx) + len(dm.test_idx) == 23
+    assert set(dm.val_idx) & set(dm.train_idx) == set()
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (4, 1, 64, 64)
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
+
+    class _Trainer:  # what on_after_batch_transfer looks at
+        training = False
+
+    dm.trainer = _Trainer()
+    plain, _ = dm.on_after_batch_transfer((images, labels), 0)
+    assert plain.dtype == torch.float32 and 0.0 <= plain.min() and plain.max() <= 1.0
+    assert torch.allclose(plain * 255, images.float())
+    _Trainer.training = True
+    augmented, _ = dm.on_after_batch_transfer((images, labels), 0)
+    assert augmented.shape == plain.shape and not torch.allclose(augmented, plain)
+
+
+def test_balanced_datamodule_epoch_has_equal_classes(make_raw, tmp_path):
+    raw = make_raw({"cat": 30, "dog": 10})
+    dm = ImageFolderDataModule(
+        raw, tmp_path / "cache", image_size=64, batch_size=5, balance=True, workers=1, progress=False
+    )
+    dm.setup("fit")
+    labels = torch.cat([y for _, y in dm.train_dataloader()])
+    train_dogs = int((dm.cache.labels[dm.train_idx] == 1).sum())
+    assert torch.bincount(labels).tolist() == [train_dogs, train_dogs]
+
+
+def test_a_split_without_a_class_is_a_clear_error(make_raw, tmp_path):
+    from alexnet_lab.data.preprocess import DataError
+
+    raw = make_raw({"cat": 10, "dog": 2})
+    dm = ImageFolderDataModule(raw, tmp_path / "cache", image_size=64, workers=1, progress=False)
+    with pytest.raises(DataError, match="dog"):
+        dm.setup("fit")

@@ -1,0 +1,170 @@
+"""The Hydra task end to end: config tree, a real run through train.py, multirun, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from alexnet_lab.train import ConfigError, check_config, run_label, train
+from conftest import compose_config, run_train, tiny_overrides
+
+
+def test_defaults_are_the_notebooks_first_run():
+    cfg = compose_config()
+    assert cfg.model.arch == "notebook" and cfg.model.downscale == 16 and cfg.model.dropout == 0.0
+    assert cfg.optim.name == "Adam" and cfg.optim.lr == 1e-3
+    assert cfg.data.image_size == 256 and cfg.data.grayscale is True
+    assert cfg.data.balance is False and cfg.data.augment is False
+    assert dict(cfg.data.synthetic.counts) == {"cat": 1127, "dog": 791}
+    assert cfg.trainer.max_epochs == 50 and cfg.seed == 0
+
+
+def test_sgd_is_plain_gradient_descent_and_overrides_compose():
+    cfg = compose_config("model.downscale=8", "optim=sgd")
+    assert cfg.model.downscale == 8
+    assert cfg.optim.name == "SGD" and cfg.optim.momentum == 0.0
+    folder = compose_config("data=folder", "data.raw_dir=/somewhere")
+    assert folder.data.raw_dir == "/somewhere" and "synthetic" not in folder.data
+
+
+def test_run_label_says_what_differs():
+    assert run_label("") == "default"
+    assert run_label("experiment=ablation_2_dropout,seed=1") == "ablation_2_dropout,seed=1"
+    assert run_label("model.downscale=8,optim=sgd") == "model.downscale=8,optim=sgd"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.downscale=0", "model.downscale"),
+        ("model.downscale=-4", "model.downscale"),
+        ("model.downscale=2.5", "model.downscale"),
+        ("model.downscale=abc", "model.downscale"),
+        ("model.downscale=200", "model.downscale"),
+        ("model.arch=vgg", "model.arch"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.name=Adamm", "optim.name"),
+        ("data.image_size=32", "data.image_size"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.balance=maybe", "data.balance"),
+        ("data.val_fraction=0.9", "data.val_fraction"),
+        ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ],
+)
+def test_bad_config_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config(override))
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_folder_without_raw_dir_says_to_set_it():
+    with pytest.raises(ConfigError, match=r"data\.raw_dir is not set"):
+        check_config(compose_config("data=folder"))
+
+
+def test_same_seed_same_numbers(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose_config(*tiny_overrides(tmp_path, epochs=2), "data.augment=true", "data.balance=true")
+        runs.append(train(cfg, tmp_path / name))
+    keys = ("val_acc", "val_acc_best", "test_acc", "test_balanced_acc")
+    assert [runs[0][k] for k in keys] == [runs[1][k] for k in keys]
+    strip_time = [[{k: v for k, v in row.items() if k != "epoch_s"} for row in run["history"]] for run in runs]
+    assert strip_time[0] == strip_time[1]
+    other = train(compose_config(*tiny_overrides(tmp_path, epochs=2), "seed=1"), tmp_path / "c")
+    assert other["history"][-1]["train/loss"] != runs[0]["history"][-1]["train/loss"]
+
+
+@pytest.mark.slow
+def test_train_py_writes_metrics_tensorboard_and_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train([*tiny_overrides(tmp_path, epochs=2), f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["epochs"] == 2 and len(metrics["history"]) == 2
+    for key in ("wall_s", "params", "val_acc", "val_acc_best", "val_balanced_acc", "test_acc", "test_balanced_acc"):
+        assert isinstance(metrics[key], (int, float)), key
+    assert 0 <= metrics["test_acc"] <= 1 and metrics["val_acc_best"] >= metrics["history"][0]["val/acc"]
+    assert set(metrics["per_class_recall"]) == {"cat", "dog"}
+    assert "data.image_size=64" in metrics["overrides"]
+    row = metrics["history"][-1]
+    assert abs(row["val/pred_frac/cat"] + row["val/pred_frac/dog"] - 1) < 1e-6
+    assert {"train/loss", "train/acc", "train/balanced_acc", "val/loss", "val/recall/dog", "epoch_s"} <= set(row)
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file in the run dir"
+    scalars, hparams = set(), set()
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+        try:
+            hparams |= set(accumulator.PluginTagToContent("hparams"))
+        except KeyError:  # this event file holds no HPARAMS entry
+            pass
+    assert {"train/loss", "val/acc", "val/pred_frac/cat", "test/acc", "hp/test_acc"} <= scalars
+    assert "_hparams_/experiment" in hparams, "no HPARAMS entry for TensorBoard"
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    for name in ("last.ckpt", "best.ckpt"):
+        # hyperparameters are plain data: the checkpoint loads with weights_only=True
+        ckpt = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert ckpt["hyper_parameters"]["model"]["downscale"] == 16
+        assert ckpt["hyper_parameters"]["classes"] == ["cat", "dog"]
+    # generated data and cache sit where the config said, not in the working dir
+    assert (tmp_path / "raw" / "cat").is_dir() and any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.slow
+def test_multirun_over_downscale_gives_one_named_run_per_point(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        ["-m", "model.downscale=4,8,16", *tiny_overrides(tmp_path), f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((p for p in sweep.iterdir() if (p / "metrics.json").exists()), key=lambda p: int(p.name.split("_")[0]))
+    assert len(runs) == 3
+    for run, downscale in zip(runs, (4, 8, 16)):
+        assert f"model.downscale={downscale}," in run.name + ",", run.name
+    params = [json.loads((p / "metrics.json").read_text())["params"] for p in runs]
+    assert params[0] > params[1] > params[2]
+    assert all(list(p.glob("events.out.tfevents.*")) for p in runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["optim=nope"], "optim"),
+        (["model.downscale=0"], "model.downscale=0"),
+        (["model.downscale=2.5"], "model.downscale"),
+    ],
+)
+def test_bad_overrides_fail_in_one_clear_line(tmp_path, args, expected):
+    result = run_train([*args, *tiny_overrides(tmp_path), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "raw").exists(), "no data should be generated for a config that cannot run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "empty", "one_class"])
+def test_bad_raw_dir_fails_in_one_clear_line(tmp_path, make_raw, case):
+    raw = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "one_class": make_raw({"cat": 5})}[case]
+    if case == "empty":
+        raw.mkdir()
+    before = sorted((p, p.stat().st_mtime_ns) for p in raw.rglob("*")) if raw.exists() else None
+    result = run_train(
+        ["data=folder", f"data.raw_dir={raw}", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=64",
+         "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(raw) in errors[0] and "Traceback" not in result.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+    if before is not None:
+        assert sorted((p, p.stat().st_mtime_ns) for p in raw.rglob("*")) == before
