@@ -1,22 +1,33 @@
-"""Raw image folder -> uint8 cache, built once and reused.
+"""Raw image folder -> uint8 cache, built once and reused; every file kept or discarded with a reason.
 
 A raw folder has one subfolder per class (ImageFolder layout: ``raw/cat/*.jpg``,
-``raw/dog/*.png``). Every image is decoded, EXIF-transposed, converted to gray (or
-RGB) and letterboxed to ``image_size x image_size``; files that cannot be decoded are
-skipped and recorded. The result is a cache folder::
+``raw/dog/*.png``), as a download of image URLs leaves it: mostly photos, plus
+"No image available" placeholders (the same file, byte for byte, many times), broken
+downloads and stray files. Every file seen ends in one of three places:
+
+- kept: decoded (JPEG at reduced scale, straight to gray, when the target is smaller),
+  EXIF-transposed, made gray (or RGB) and letterboxed to ``image_size x image_size``;
+- discarded, ``placeholder: ...``: content repeated in ``min_copies`` files or more, a known
+  placeholder digest, or a near-constant picture;
+- discarded, ``unreadable: ...`` (empty, truncated, corrupt, not an image, an unsupported
+  format, a decompression bomb) or ``not data: ...`` (hidden and system files, text files,
+  files outside a class folder).
+
+The result is a cache folder::
 
     <cache_dir>/<raw_dir.name>-<fingerprint>/
         images.npy     uint8 (N, C, S, S), opened memory-mapped and read-only
         labels.npy     int64 (N,), label i = classes[i]
-        meta.json      classes, settings, count per class, fingerprint, raw_dir
-        manifest.csv   path,label,status,reason,index: one row per file seen
+        meta.json      classes, settings, counts per class and per discard reason, placeholder groups, timings
+        manifest.csv   path,label,status,reason,index: one row per file seen (label = class name)
         done           written last; a folder without it is not a cache
 
-The fingerprint covers every scanned file (relative path, size, mtime) and the
-settings, so a changed file or setting builds a new cache instead of reusing a stale
-one. A cache is built in a hidden temporary folder and renamed into place, so a
-crashed or concurrent build never leaves a half-written cache at the final path.
-The raw folder is only ever read.
+The fingerprint covers every file seen (relative path, size, mtime) and the settings, so
+a changed file or setting builds a new cache and an unchanged folder reuses the old one
+without decoding anything. A cache is built in a hidden temporary folder and renamed into
+place, so a killed build never leaves a cache that a later run would load; builds of the
+same cache take a lock file in ``cache_dir``, so two runs started together build it once
+(the second waits, then reuses it). The raw folder is only ever read.
 """
 
 from __future__ import annotations
@@ -24,55 +35,176 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import ctypes
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
+import signal
+import sys
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import warnings
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a concurrent build then wastes work but stays correct
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "PREPROCESS_VERSION",
     "IMAGE_EXTENSIONS",
     "DataError",
+    "DiscardRules",
+    "RawFile",
+    "Scan",
     "Cache",
     "letterbox",
     "load_image",
     "scan_folder",
     "build_cache",
     "load_cache",
+    "format_report",
 ]
 
 log = logging.getLogger(__name__)
 
-# Bump when decoding or layout changes, so that caches built by older code are rebuilt.
-PREPROCESS_VERSION = 1
-# Matched case-insensitively; anything else in a class folder is ignored.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Bump when decoding, discarding or layout changes, so that caches built by older code are rebuilt.
+PREPROCESS_VERSION = 2
+# Extensions that name an image; a file with another (or no) extension is still decoded if its
+# content is an image, but text content in it is then "not data" rather than a broken download.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+     ".ico", ".jp2", ".j2k", ".avif"}
+)
+# Pillow formats a file may be decoded as. Others are left out on purpose: some (TGA, PCD, ...)
+# have no magic bytes and would "recognise" random garbage as a picture.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "ICO", "JPEG2000", "AVIF")
+TEXT_EXTENSIONS = frozenset(
+    {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".html", ".htm", ".log", ".yaml", ".yml",
+     ".ini", ".cfg", ".py", ".sh", ".url"}
+)
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})  # lower case
 # None = the platform's default (multiprocessing.set_start_method applies); "spawn" also works.
 START_METHOD: str | None = None
 CACHE_FILES = ("images.npy", "labels.npy", "meta.json", "manifest.csv", "done")
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own limit (1024 * 1024 * 1024 // 4 // 3)
 
 _FILL = 0  # letterbox padding and the background behind transparent pixels: black
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_HASH_BLOCK = 1 << 20  # bytes read at a time when hashing
+# manifest.csv and meta.json: UTF-8; a file name that is not valid UTF-8 (POSIX allows any bytes)
+# round-trips through the surrogates Python decodes it to, instead of failing the build.
+_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+# Discard reasons: the manifest's `reason` is one of these, then details in parentheses.
+REPEATED = "placeholder: repeated content"
+KNOWN_DIGEST = "placeholder: known digest"
+NEAR_CONSTANT = "placeholder: near-constant image"
+EMPTY = "unreadable: empty file"
+TRUNCATED = "unreadable: truncated"
+CORRUPT = "unreadable: corrupt"
+NOT_AN_IMAGE = "unreadable: not an image"
+UNSUPPORTED = "unreadable: unsupported format"
+BOMB = "unreadable: decompression bomb"
+CANNOT_READ = "unreadable: cannot read"
+HIDDEN = "not data: hidden"
+SYSTEM = "not data: system file"
+TEXT = "not data: text file"
+OUTSIDE = "not data: outside a class folder"
+SPECIAL = "not data: not a regular file"
 
 
 class DataError(ValueError):
     """Bad input data; message is one line naming the path and what to do."""
+
+
+@dataclass(frozen=True)
+class DiscardRules:
+    """What preprocessing throws away besides files that cannot be decoded (config: ``data.discard``)."""
+
+    min_copies: int = 5  # the same bytes in this many files or more: a placeholder download (0 = off)
+    known_digests: tuple[str, ...] = ()  # sha256 (hex) of known placeholder files: discarded even once
+    min_std: float = 2.0  # grey levels; a picture whose std is below this is blank (0 = off)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused before decoding
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | DiscardRules | None, key: str = "data.discard") -> DiscardRules:
+        """Checked rules from a config mapping (missing keys take the defaults); DataError names the bad key."""
+        if values is None:
+            return cls()
+        if isinstance(values, DiscardRules):
+            return values
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DataError(f"{key}.{unknown[0]} is not a setting: use {', '.join(sorted(known))}")
+        rules = {**dataclasses.asdict(cls()), **dict(values)}
+        min_copies, min_std, max_pixels = rules["min_copies"], rules["min_std"], rules["max_image_pixels"]
+        if isinstance(min_copies, bool) or not isinstance(min_copies, int) or min_copies == 1 or min_copies < 0:
+            raise DataError(f"{key}.min_copies={min_copies!r}: must be an integer >= 2 (or 0 to keep repeated files)")
+        if isinstance(min_std, bool) or not isinstance(min_std, (int, float)) or not 0 <= min_std < 128:
+            raise DataError(f"{key}.min_std={min_std!r}: must be a number of grey levels in [0, 128), e.g. 2.0")
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise DataError(f"{key}.max_image_pixels={max_pixels!r}: must be a positive integer, e.g. 89478485")
+        digests = rules["known_digests"] or ()
+        if isinstance(digests, str):
+            digests = (digests,)
+        checked = []
+        for digest in digests:
+            text = str(digest).strip().lower()
+            if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+                raise DataError(
+                    f"{key}.known_digests: {digest!r} is not a sha256 hex digest (64 hex digits; "
+                    "the report and `sha256sum FILE` print them)"
+                )
+            checked.append(text)
+        return cls(int(min_copies), tuple(sorted(set(checked))), float(min_std), int(max_pixels))
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """One entry seen in the raw folder."""
+
+    path: Path  # absolute
+    relative: str  # posix path relative to raw_dir; a folder ends with "/"
+    class_name: str  # "" outside a class folder
+    size: int  # bytes
+    mtime_ns: int
+    skip: str = ""  # "" = decode it; else why it is not data (a reason above)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What `scan_folder` found: the classes and every entry, in path order."""
+
+    classes: list[str]  # sorted class folder names
+    files: list[RawFile]  # every file seen (and hidden folders, not descended into)
+
+    @property
+    def samples(self) -> list[tuple[RawFile, int]]:
+        """Files to decode with their labels, class by class, each class in path order."""
+        label = {name: index for index, name in enumerate(self.classes)}
+        picked = [(raw, label[raw.class_name]) for raw in self.files if not raw.skip and raw.class_name in label]
+        return sorted(picked, key=lambda pair: (pair[1], pair[0].relative))
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +219,9 @@ class Cache:
     image_size: int  # S, pixels
     grayscale: bool  # C = 1 if True else 3
     fingerprint: str  # sha256 hex prefix of files and settings
-    discarded: int  # files seen but not decodable
+    discarded: int  # files seen but not kept
+    meta: dict[str, Any] = field(default_factory=dict)  # meta.json: counts, reasons, groups, timings
+    built: bool = False  # True if this call built it, False if it was there already
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,20 +234,30 @@ class Cache:
 # ----------------------------------------------------------------------------- images
 
 
-def letterbox(image: Image.Image, size: int, fill: int = _FILL) -> Image.Image:
-    """Resize keeping the aspect ratio so the long side is `size`, then pad (centred) to size x size."""
+def _fit(image: Image.Image, size: int) -> Image.Image:
+    """Resize keeping the aspect ratio so that the long side is `size`."""
     width, height = image.size
     long_side = max(width, height)
     new_size = (max(1, round(width * size / long_side)), max(1, round(height * size / long_side)))
-    if new_size != image.size:
-        # Pillow's BILINEAR widens its kernel when shrinking, so it does not alias.
-        image = image.resize(new_size, Image.Resampling.BILINEAR)
-    if new_size == (size, size):
+    if new_size == image.size:
+        return image
+    # Pillow's BILINEAR widens its kernel when shrinking, so it does not alias.
+    return image.resize(new_size, Image.Resampling.BILINEAR)
+
+
+def _pad(image: Image.Image, size: int, fill: int = _FILL) -> Image.Image:
+    """Centre `image` (long side == size) on a size x size canvas of `fill`."""
+    if image.size == (size, size):
         return image
     bands = len(image.getbands())
     canvas = Image.new(image.mode, (size, size), fill if bands == 1 else (fill,) * bands)
-    canvas.paste(image, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
     return canvas
+
+
+def letterbox(image: Image.Image, size: int, fill: int = _FILL) -> Image.Image:
+    """Resize keeping the aspect ratio so the long side is `size`, then pad (centred) to size x size."""
+    return _pad(_fit(image, size), size, fill)
 
 
 def _draft_request(width: int, height: int, size: int) -> tuple[int, int]:
@@ -123,7 +267,7 @@ def _draft_request(width: int, height: int, size: int) -> tuple[int, int]:
     asking for the letterboxed size (long side = size) keeps that divisor <= long / size.
     """
     scale = size / max(width, height)
-    return max(1, int(np.ceil(width * scale))), max(1, int(np.ceil(height * scale)))
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
 
 
 def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
@@ -150,57 +294,241 @@ def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def load_image(path: Path, size: int, grayscale: bool = True) -> np.ndarray:
-    """Decode -> EXIF transpose -> gray ("L") or RGB -> letterbox; returns uint8 (C, S, S).
+@contextlib.contextmanager
+def _pillow_limits(max_image_pixels: int) -> Iterator[None]:
+    """Pillow's bomb limit set to ours, truncated files refused (both are process-wide globals)."""
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_image_pixels, False
+    try:
+        with warnings.catch_warnings():
+            # Between 1x and 2x the limit Pillow only warns; _open_upright refuses those itself.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
-    Raises (OSError, ValueError, ...) on files that cannot be decoded.
-    """
-    mode = "L" if grayscale else "RGB"
-    with Image.open(path) as image:
+
+def _open_upright(path: Path, size: int, mode: str, max_image_pixels: int) -> Image.Image:
+    """Decode (JPEG drafted towards `size`), EXIF-transpose, convert to 8-bit `mode`; not resized."""
+    with Image.open(path, formats=_IMAGE_FORMATS) as image:
+        width, height = image.size
+        if width * height > max_image_pixels:  # only the header was read so far
+            raise Image.DecompressionBombError(
+                f"{width} x {height} = {width * height} pixels > the limit of {max_image_pixels}"
+            )
         # JPEG (and MPO) decode at 1/2, 1/4 or 1/8 scale, straight to gray, when the target is
-        # small enough; other formats ignore draft.
-        image.draft(mode, _draft_request(*image.size, size))
+        # small enough; other formats ignore draft. Animated files decode their first frame.
+        image.draft(mode, _draft_request(width, height, size))
         image.load()  # decode now, so a truncated file fails here
+        upright: Image.Image = image
         try:
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1):
+                upright = ImageOps.exif_transpose(image)
         except Exception as exc:  # broken EXIF must not throw away good pixels
             log.debug("%s: EXIF ignored (%s)", path, exc)
-        image = letterbox(_to_8bit(image, mode), size)
-    pixels = np.asarray(image, dtype=np.uint8)  # (S, S) or (S, S, 3)
+        return _to_8bit(upright, mode)  # leaving `with` closes the file only; the pixels stay
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """(S, S) or (S, S, 3) Pillow image -> uint8 (C, S, S)."""
+    pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim == 2:
         return pixels[None].copy()  # (1, S, S)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
 
 
-def _discard_reason(exc: BaseException) -> str:
+def load_image(
+    path: Path, size: int, grayscale: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """Decode -> EXIF transpose -> gray ("L") or RGB -> letterbox; returns uint8 (C, S, S).
+
+    Raises (OSError, ValueError, Image.DecompressionBombError, ...) on files that cannot be decoded.
+    """
+    with _pillow_limits(max_image_pixels):
+        image = _open_upright(Path(path), size, "L" if grayscale else "RGB", max_image_pixels)
+    return _pixels(letterbox(image, size))
+
+
+def _grey_level_std(image: Image.Image) -> float:
+    """Largest per-band standard deviation, in grey levels, from the histogram (no pixel copy)."""
+    counts = np.asarray(image.histogram(), dtype=np.float64).reshape(-1, 256)  # (bands, 256)
+    levels = np.arange(256, dtype=np.float64)
+    total = counts.sum(axis=1)
+    mean = counts @ levels / total
+    variance = counts @ (levels**2) / total - mean**2
+    return float(np.sqrt(max(float(variance.max()), 0.0)))
+
+
+# ----------------------------------------------------------------------------- why a file fails
+
+_IMAGE_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+_OTHER_MAGIC = ((b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"))
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def _sniff(head: bytes) -> tuple[str, bool]:
+    """(format name, whether we could decode it) from a file's first bytes; ("", False) if unknown."""
+    for magic, name in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return name, True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP", True
+    for magic, name in _OTHER_MAGIC:
+        if head.startswith(magic):
+            return name, False
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _HEIF_BRANDS:
+            return "HEIC", False
+        if brand in (b"avif", b"avis"):
+            return "AVIF", "AVIF" in _IMAGE_FORMATS
+    text = head.lstrip().lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "SVG", False
+    return "", False
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """No NUL bytes and valid UTF-8 (allowing a character cut at the end): HTML pages, notes, CSV."""
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3
+    return True
+
+
+def _oneline(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or "no message"
     return f"{type(exc).__name__}: {text}"
 
 
-def _decode_chunk(
-    jobs: Sequence[tuple[str, int]], size: int, grayscale: bool
-) -> list[tuple[np.ndarray | None, str]]:
-    """Decode (path, file size) pairs; (pixels, "") or (None, reason) each. Top level: spawn-safe."""
-    results: list[tuple[np.ndarray | None, str]] = []
-    for path, file_size in jobs:
-        if file_size == 0:
-            results.append((None, "empty file (0 bytes)"))
-            continue
+def _failure_reason(path: Path, exc: BaseException, max_image_pixels: int) -> str:
+    """The manifest reason for a file that `_open_upright` could not decode."""
+    message = str(exc).lower()
+    if isinstance(exc, Image.DecompressionBombError):
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's own message, past twice its limit
+        if claimed:
+            return f"{BOMB} ({claimed.group(1)} pixels > the limit of {max_image_pixels})"
+        return f"{BOMB} ({exc})"
+    if "decompressed data too large" in message:  # a PNG text chunk that inflates without bound
+        return f"{BOMB} ({_oneline(exc)})"
+    if isinstance(exc, MemoryError):
+        return f"{BOMB} (MemoryError: too large to decode)"
+    if isinstance(exc, UnidentifiedImageError):
         try:
-            results.append((load_image(Path(path), size, grayscale), ""))
-        except Exception as exc:  # any decoder failure: skip the file, never crash the build
-            results.append((None, _discard_reason(exc)))
-    return results
+            with open(path, "rb") as handle:
+                head = handle.read(1024)
+        except OSError as read_error:
+            return f"{CANNOT_READ} ({_oneline(read_error)})"
+        name, decodable = _sniff(head)
+        if name and decodable:
+            return f"{CORRUPT} (a {name} header that cannot be parsed)"
+        if name:
+            return f"{UNSUPPORTED} ({name})"
+        if _looks_like_text(head):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                return f"{NOT_AN_IMAGE} (text, e.g. an HTML error page saved under an image name)"
+            return f"{TEXT} (text content)"
+        return f"{NOT_AN_IMAGE} (no known image format)"
+    if isinstance(exc, (PermissionError, IsADirectoryError, FileNotFoundError)):
+        return f"{CANNOT_READ} ({_oneline(exc)})"
+    if isinstance(exc, EOFError) or any(word in message for word in ("truncated", "broken data stream", "premature")):
+        return f"{TRUNCATED} ({_oneline(exc)})"
+    if any(words in message for words in ("not available", "not supported", "unsupported", "unknown raw mode")):
+        return f"{UNSUPPORTED} ({_oneline(exc)})"
+    return f"{CORRUPT} ({_oneline(exc)})"
+
+
+def _decode_chunk(
+    jobs: Sequence[str], size: int, grayscale: bool, rules: DiscardRules
+) -> tuple[np.ndarray, list[str]]:
+    """Decode files: (kept pixels uint8 (K, C, S, S) in job order, a reason per job, "" = kept).
+
+    One array per chunk, so that a worker sends its results back in one piece. Top level: spawn-safe.
+    """
+    mode = "L" if grayscale else "RGB"
+    pixels = np.empty((len(jobs), 1 if grayscale else 3, size, size), np.uint8)
+    kept = 0
+    reasons: list[str] = []
+    with _pillow_limits(rules.max_image_pixels):
+        for path_text in jobs:
+            path = Path(path_text)
+            try:
+                fitted = _fit(_open_upright(path, size, mode, rules.max_image_pixels), size)
+            except Exception as exc:  # any decoder failure: discard the file, never crash the build
+                reasons.append(_failure_reason(path, exc, rules.max_image_pixels))
+                continue
+            if rules.min_std > 0:
+                spread = _grey_level_std(fitted)  # of the picture itself, before the padding
+                if spread < rules.min_std:
+                    reasons.append(f"{NEAR_CONSTANT} (std {spread:.2f} < {rules.min_std:g} grey levels)")
+                    continue
+            square = np.asarray(_pad(fitted, size))  # (S, S) or (S, S, 3)
+            pixels[kept] = square[None] if square.ndim == 2 else square.transpose(2, 0, 1)
+            kept += 1
+            reasons.append("")
+    return pixels[:kept], reasons
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: die with the building process (Linux) instead of lingering as an orphan."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _available_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
+_IMAGE_FORMATS = _available_formats()
 
 
 # ----------------------------------------------------------------------------- scan
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    """Image files under class_dir (recursively, following links once), hidden ones skipped."""
-    found: list[Path] = []
+def _not_data_reason(name: str) -> str:
+    """Why a file is not data from its name alone, or "" if it should be decoded."""
+    if name.startswith("."):
+        return f"{HIDDEN} (hidden file)"
+    if name.lower() in SYSTEM_FILES:
+        return f"{SYSTEM} ({name.strip()})"
+    if os.path.splitext(name)[1].lower() in TEXT_EXTENSIONS:
+        return TEXT
+    return ""
+
+
+def _raw_file(raw_dir: Path, entry: os.DirEntry, class_name: str, skip: str = "") -> RawFile:
+    """A file entry with its size and mtime; a link to nowhere, a pipe or a device is not data."""
+    path = Path(entry.path)
+    relative = path.relative_to(raw_dir).as_posix()
+    try:
+        stat = entry.stat() if entry.is_file() else None  # follows links
+    except OSError:
+        stat = None
+    if stat is None:
+        return RawFile(path, relative, class_name, 0, 0, skip or f"{SPECIAL} (a link to nowhere, a pipe or a device)")
+    return RawFile(path, relative, class_name, stat.st_size, stat.st_mtime_ns, skip)
+
+
+def _class_files(raw_dir: Path, class_dir: Path) -> list[RawFile]:
+    """Every entry under class_dir (recursively, following links once); hidden folders not entered."""
+    found: list[RawFile] = []
     seen_dirs: set[tuple[int, int]] = set()
     stack = [class_dir]
+    class_name = class_dir.name
     while stack:
         folder = stack.pop()
         stat = folder.stat()
@@ -212,21 +540,23 @@ def _image_files(class_dir: Path) -> list[Path]:
         except OSError as exc:
             raise DataError(f"cannot list {folder} ({exc.strerror}): make it readable") from exc
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             if entry.is_dir():
-                stack.append(Path(entry.path))
-            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(entry.path))
+                if entry.name.startswith("."):
+                    relative = Path(entry.path).relative_to(raw_dir).as_posix() + "/"
+                    found.append(RawFile(Path(entry.path), relative, class_name, 0, 0, f"{HIDDEN} (hidden folder)"))
+                else:
+                    stack.append(Path(entry.path))
+            else:
+                found.append(_raw_file(raw_dir, entry, class_name, _not_data_reason(entry.name)))
     return found
 
 
-def scan_folder(raw_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted subfolders, hidden ones skipped) and (file, label) pairs (hidden files skipped, sorted).
+def scan_folder(raw_dir: Path) -> Scan:
+    """Every entry of raw_dir, each a class sample or not data with a reason; raises DataError if unusable.
 
-    A subfolder without image files is not a class (a warning says so); files at the top
-    level of raw_dir are ignored. Raises DataError for a missing or empty folder and for
-    fewer than two classes.
+    Classes are the top-level folders (hidden ones skipped) holding at least one file that
+    is not hidden, a system file or a text file; other folders are reported in a warning.
+    Raises DataError for a missing or empty folder and for fewer than two classes.
     """
     raw_dir = Path(raw_dir)
     if not raw_dir.exists():
@@ -237,49 +567,100 @@ def scan_folder(raw_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise DataError(
             f"data.raw_dir={raw_dir} is not a folder: point data.raw_dir at a folder with one subfolder per class"
         )
-    subfolders = sorted(
-        entry.name for entry in os.scandir(raw_dir) if entry.is_dir() and not entry.name.startswith(".")
-    )
-    per_class: dict[str, list[Path]] = {}
-    for name in subfolders:
-        files = _image_files(raw_dir / name)
-        if files:
-            per_class[name] = sorted(files, key=lambda p: p.relative_to(raw_dir).as_posix())
+    try:
+        top = sorted(os.scandir(raw_dir), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise DataError(f"cannot list data.raw_dir={raw_dir} ({exc.strerror}): make it readable") from exc
+    files: list[RawFile] = []
+    classes: list[str] = []
+    for entry in top:
+        if entry.is_dir():
+            if entry.name.startswith("."):
+                files.append(RawFile(Path(entry.path), entry.name + "/", "", 0, 0, f"{HIDDEN} (hidden folder)"))
+                continue
+            members = _class_files(raw_dir, Path(entry.path))
+            if any(not raw.skip for raw in members):
+                classes.append(entry.name)
+                files += members
+            else:
+                log.warning("ignoring %s: no image files in it, so it is not a class", entry.path)
+                files += [dataclasses.replace(raw, class_name="") for raw in members]
         else:
-            log.warning("ignoring %s: no image files (%s)", raw_dir / name, " ".join(sorted(IMAGE_EXTENSIONS)))
-    if not per_class:
+            skip = _not_data_reason(entry.name) if entry.name.startswith(".") else OUTSIDE
+            files.append(_raw_file(raw_dir, entry, "", skip))
+    if not classes:
         raise DataError(
             f"data.raw_dir={raw_dir} is empty (no class subfolders with image files): "
             "put images in one subfolder per class, e.g. cat/*.jpg and dog/*.jpg"
         )
-    if len(per_class) < 2:
-        (only,) = per_class
+    if len(classes) < 2:
         raise DataError(
-            f"data.raw_dir={raw_dir} has only one class ({only!r}): a classifier needs at least two class subfolders"
+            f"data.raw_dir={raw_dir} has only one class ({classes[0]!r}): "
+            "a classifier needs at least two class subfolders"
         )
-    classes = sorted(per_class)
-    samples = [(path, label) for label, name in enumerate(classes) for path in per_class[name]]
-    return classes, samples
+    files.sort(key=lambda raw: raw.relative)
+    return Scan(classes=classes, files=files)
 
 
-def _fingerprint(
-    raw_dir: Path, samples: Sequence[tuple[Path, int]], image_size: int, grayscale: bool
-) -> tuple[str, list[int]]:
-    """sha256 (first 16 hex) of every file's (relative path, size, mtime_ns) and the settings; also the sizes."""
-    entries = []
-    sizes = []
-    for path, _ in samples:
-        stat = path.stat()
-        entries.append((path.relative_to(raw_dir).as_posix(), stat.st_size, stat.st_mtime_ns))
-        sizes.append(stat.st_size)
+def _fingerprint(scan: Scan, image_size: int, grayscale: bool, rules: DiscardRules) -> str:
+    """sha256 (first 16 hex) of every entry's (relative path, size, mtime_ns) and the settings."""
     key = {
-        "files": sorted(entries),
+        "files": [(raw.relative, raw.size, raw.mtime_ns) for raw in scan.files],
         "image_size": image_size,
         "grayscale": grayscale,
+        "discard": dataclasses.asdict(rules),
         "version": PREPROCESS_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()
-    return digest[:16], sizes
+    return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- placeholders
+
+
+def _sha256(path: Path) -> str | None:
+    """Hex digest of a file's bytes, or None if it cannot be read (decoding then says why)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(_HASH_BLOCK):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _placeholder_groups(
+    samples: Sequence[tuple[RawFile, int]], rules: DiscardRules, threads: int
+) -> dict[str, list[int]]:
+    """Placeholders by content: sha256 -> positions in `samples` of every file with those bytes.
+
+    Only files that can repeat often enough are hashed: those sharing their size with at
+    least min_copies - 1 others (all files when known digests are configured). Empty files
+    are left to decoding ("empty file"), not grouped.
+    """
+    if rules.known_digests:
+        candidates = [i for i, (raw, _) in enumerate(samples) if raw.size > 0]
+    elif rules.min_copies:
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for i, (raw, _) in enumerate(samples):
+            if raw.size > 0:
+                by_size[raw.size].append(i)
+        candidates = [i for members in by_size.values() if len(members) >= rules.min_copies for i in members]
+    else:
+        return {}
+    # hashlib and file reads release the GIL: threads hash in parallel without pickling bytes around.
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        digests = list(pool.map(_sha256, [samples[i][0].path for i in candidates]))
+    by_digest: dict[str, list[int]] = defaultdict(list)
+    for i, digest in zip(candidates, digests):
+        if digest is not None:
+            by_digest[digest].append(i)
+    known = set(rules.known_digests)
+    return {
+        digest: members
+        for digest, members in sorted(by_digest.items(), key=lambda item: (-len(item[1]), item[0]))
+        if digest in known or (rules.min_copies and len(members) >= rules.min_copies)
+    }
 
 
 # ----------------------------------------------------------------------------- cache
@@ -298,18 +679,16 @@ def load_cache(path: Path) -> Cache:
             f"cache {path} is incomplete (missing {', '.join(missing)}): delete that folder and build it again"
         )
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / "meta.json").read_text(**_TEXT))
         images = np.load(path / "images.npy", mmap_mode="r")
         labels = np.load(path / "labels.npy")
-        with open(path / "manifest.csv", newline="") as handle:
+        with open(path / "manifest.csv", newline="", **_TEXT) as handle:
             kept = [row for row in csv.DictReader(handle) if row["status"] == "kept"]
         kept.sort(key=lambda row: int(row["index"]))
         size = int(meta["image_size"])
         channels = 1 if meta["grayscale"] else 3
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"cache {path} is unreadable ({_discard_reason(exc)}): delete that folder and build it again"
-        ) from exc
+        raise DataError(f"cache {path} is unreadable ({_oneline(exc)}): delete that folder and build it again") from exc
     if (
         images.dtype != np.uint8
         or images.shape[1:] != (channels, size, size)
@@ -330,6 +709,7 @@ def load_cache(path: Path) -> Cache:
         grayscale=bool(meta["grayscale"]),
         fingerprint=str(meta["fingerprint"]),
         discarded=int(meta["discarded"]),
+        meta=meta,
     )
 
 
@@ -340,29 +720,34 @@ def _default_workers() -> int:
 
 
 def _decode_all(
-    jobs: Sequence[tuple[str, int]], size: int, grayscale: bool, workers: int
-) -> Iterator[list[tuple[np.ndarray | None, str]]]:
+    jobs: Sequence[str], size: int, grayscale: bool, rules: DiscardRules, workers: int
+) -> Iterator[tuple[np.ndarray, list[str]]]:
     """Decoded chunks, in input order; at most a few chunks per worker in flight (bounded memory)."""
     chunk = max(1, min(32, len(jobs) // (workers * 8) or 1))
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
     workers = min(workers, len(chunks))
     if workers <= 1:
         for part in chunks:
-            yield _decode_chunk(part, size, grayscale)
+            yield _decode_chunk(part, size, grayscale, rules)
         return
     # The platform's start method (fork on Linux up to Python 3.13: cheap, and a script without
     # a __main__ guard still works; forkserver/spawn elsewhere, which the top-level worker allows).
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(START_METHOD))
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context(START_METHOD),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         remaining = iter(chunks)
         pending: deque[concurrent.futures.Future] = deque()
         for part in itertools.islice(remaining, workers * 3):
-            pending.append(pool.submit(_decode_chunk, part, size, grayscale))
+            pending.append(pool.submit(_decode_chunk, part, size, grayscale, rules))
         while pending:
             done = pending.popleft().result()
             part = next(remaining, None)
             if part is not None:
-                pending.append(pool.submit(_decode_chunk, part, size, grayscale))
+                pending.append(pool.submit(_decode_chunk, part, size, grayscale, rules))
             yield done
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -395,11 +780,38 @@ def _shrink_npy(path: Path, rows: int) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as handle:
-        json.dump(data, handle, indent=2)
+    with open(path, "w", **_TEXT) as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _build_lock(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on lock_path while building; yields False where locks do not work.
+
+    A POSIX record lock (lockf): the kernel drops it when its holder dies, so a killed build
+    never blocks the next one, and forked decoding workers do not inherit it.
+    """
+    if fcntl is None:
+        yield False
+        return
+    with open(lock_path, "a") as handle:
+        locked = True
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # held by another process
+            log.info("waiting for another process that is building %s", lock_path.name[1:-5])
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks (some network mounts)
+            log.debug("no lock on %s (%s): a concurrent build may repeat the work", lock_path, exc)
+            locked = False
+        try:
+            yield locked
+        finally:
+            if locked:
+                fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def build_cache(
@@ -409,27 +821,31 @@ def build_cache(
     grayscale: bool = True,
     workers: int | None = None,
     progress: bool = True,
+    discard: Mapping[str, Any] | DiscardRules | None = None,
 ) -> Cache:
     """Return the cache of raw_dir for these settings, building it first if needed.
 
-    An unchanged folder with unchanged settings loads the existing cache without
-    decoding anything. workers: decoding processes (default: the usable CPUs; 1 = none).
+    An unchanged folder with unchanged settings loads the existing cache without decoding
+    anything. workers: decoding processes (default: the usable CPUs; 1 = none). discard:
+    `DiscardRules` or its fields as a mapping (the config's ``data.discard``).
     """
     raw_dir = Path(raw_dir).expanduser().absolute()
     cache_dir = Path(cache_dir).expanduser().absolute()
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise DataError(f"data.image_size={image_size!r} is not a positive integer: set it to e.g. 256")
-    if workers is not None and workers < 1:
-        raise DataError(f"workers={workers!r} must be >= 1 (or None for one per CPU)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise DataError(f"data.workers={workers!r} must be an integer >= 1 (or null for one per CPU)")
     workers = workers or _default_workers()
     grayscale = bool(grayscale)
+    rules = DiscardRules.from_mapping(discard)
 
-    classes, samples = scan_folder(raw_dir)
+    started = time.perf_counter()
+    scan = scan_folder(raw_dir)
     if cache_dir.resolve().is_relative_to(raw_dir.resolve()):
         raise DataError(
             f"data.cache_dir={cache_dir} is inside data.raw_dir={raw_dir}: put the cache outside the raw folder"
         )
-    fingerprint, sizes = _fingerprint(raw_dir, samples, image_size, grayscale)
+    fingerprint = _fingerprint(scan, image_size, grayscale, rules)
     name = f"{raw_dir.name}-{fingerprint}"
     final = cache_dir / name
     if _is_complete(final):
@@ -440,106 +856,214 @@ def build_cache(
         raise DataError(f"cache {final} is incomplete (no 'done' marker): delete that folder and build it again")
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        summary = _build_into(
-            tmp, raw_dir, classes, samples, sizes, image_size, grayscale, workers, progress, fingerprint
-        )
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete(final):
-                raise
-            log.info("another process built %s first; using theirs", final)
+    with _build_lock(cache_dir / f".{name}.lock") as locked:
+        if _is_complete(final):  # another process built it while we waited for the lock
+            log.info("reusing cache %s, built by another process meanwhile", final)
             return load_cache(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("preprocessed %s: %s -> %s", raw_dir, summary, final)
-    return load_cache(final)
+        if locked:  # only lock holders build, so any temporary folder of this cache is a dead build's
+            for stale in cache_dir.glob(f".{name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            _build_into(tmp, raw_dir, scan, image_size, grayscale, rules, workers, progress, fingerprint, started)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not _is_complete(final):
+                    raise
+                log.info("another process built %s first; using theirs", final)
+                return load_cache(final)
+            _fsync_dir(cache_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    cache = dataclasses.replace(load_cache(final), built=True)
+    log.info("%s", format_report(cache))
+    return cache
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 def _build_into(
     tmp: Path,
     raw_dir: Path,
-    classes: list[str],
-    samples: list[tuple[Path, int]],
-    sizes: list[int],
+    scan: Scan,
     image_size: int,
     grayscale: bool,
+    rules: DiscardRules,
     workers: int,
     progress: bool,
     fingerprint: str,
-) -> str:
-    """Decode every sample into a complete cache folder at tmp ('done' written last); returns a summary."""
-    start = time.perf_counter()
+    started: float,
+) -> None:
+    """Screen and decode every sample into a complete cache folder at tmp ('done' written last)."""
     channels = 1 if grayscale else 3
-    images = np.lib.format.open_memmap(
-        tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(samples), channels, image_size, image_size),
-        version=(1, 0),
-    )
+    samples = scan.samples
+    reasons: dict[str, str] = {raw.relative: raw.skip for raw in scan.files if raw.skip}  # relative -> reason
+
+    # 1. placeholders by content: never decoded
+    hash_start = time.perf_counter()
+    groups = _placeholder_groups(samples, rules, threads=2 * workers)
+    known = set(rules.known_digests)
+    placeholder_groups = []
+    for digest, members in groups.items():
+        kind = KNOWN_DIGEST if digest in known else REPEATED
+        for i in members:
+            reasons[samples[i][0].relative] = f"{kind} (sha256 {digest[:12]}..., {len(members)} in this folder)"
+        per_class = Counter(scan.classes[samples[i][1]] for i in members)
+        placeholder_groups.append(
+            {
+                "sha256": digest,
+                "files": len(members),
+                "known": digest in known,
+                "per_class": dict(sorted(per_class.items())),
+                "example": samples[members[0]][0].relative,
+            }
+        )
+    for raw, _ in samples:
+        if raw.size == 0 and raw.relative not in reasons:
+            reasons[raw.relative] = EMPTY
+    to_decode = [(raw, label) for raw, label in samples if raw.relative not in reasons]
+    hash_seconds = time.perf_counter() - hash_start
+
+    # 2. decode in parallel, in order, appending kept images to images.npy as they arrive
+    decode_start = time.perf_counter()
+    kept_index: dict[str, int] = {}
     labels: list[int] = []
-    manifest: list[tuple[str, int, str, str, str]] = []  # path, label, status, reason, index
-    jobs = [(str(path), size) for (path, _), size in zip(samples, sizes)]
-    kept = 0
-    bar = tqdm(total=len(jobs), desc=f"preprocessing {raw_dir.name}", unit="img", disable=not progress)
-    # Warnings go through tqdm.write while the bar is shown, so they do not break it.
-    redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
-    with redirect, bar, contextlib.closing(_decode_all(jobs, image_size, grayscale, workers)) as decoded:
-        position = 0
-        for results in decoded:
-            for pixels, reason in results:
-                path, label = samples[position]
-                relative = path.relative_to(raw_dir).as_posix()
-                if pixels is None:
-                    log.warning("skipping %s: %s", path, reason)
-                    manifest.append((relative, label, "discarded", reason, ""))
-                else:
-                    images[kept] = pixels
-                    labels.append(label)
-                    manifest.append((relative, label, "kept", "", str(kept)))
-                    kept += 1
-                position += 1
-            bar.update(len(results))
-    images.flush()
-    del images
-    if kept < len(samples):
-        _shrink_npy(tmp / "images.npy", kept)
+    with open(tmp / "images.npy", "wb") as images:
+        # header for the most rows we could keep; cut down to the kept rows afterwards
+        np.lib.format.write_array_header_1_0(
+            images,
+            {"descr": "|u1", "fortran_order": False, "shape": (len(to_decode), channels, image_size, image_size)},
+        )
+        bar = tqdm(total=len(to_decode), desc=f"preprocessing {raw_dir.name}", unit="img", disable=not progress)
+        # Warnings go through tqdm.write while the bar is shown, so they do not break it.
+        redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
+        jobs = [str(raw.path) for raw, _ in to_decode]
+        with redirect, bar, contextlib.closing(_decode_all(jobs, image_size, grayscale, rules, workers)) as decoded:
+            position = 0
+            for pixels, chunk_reasons in decoded:
+                images.write(pixels)  # (K, C, S, S) C-contiguous: the next K rows, no copy
+                for reason in chunk_reasons:
+                    raw, label = to_decode[position]
+                    position += 1
+                    if reason:
+                        reasons[raw.relative] = reason
+                        log.debug("discarding %s: %s", raw.path, reason)
+                    else:
+                        kept_index[raw.relative] = len(labels)
+                        labels.append(label)
+                bar.update(len(chunk_reasons))
+        images.flush()
+        os.fsync(images.fileno())  # data on disk before 'done' says it is
+    _shrink_npy(tmp / "images.npy", len(labels))
+    decode_seconds = time.perf_counter() - decode_start
 
     label_array = np.asarray(labels, dtype=np.int64)
-    counts = {name: int((label_array == index).sum()) for index, name in enumerate(classes)}
+    counts = {name: int((label_array == index).sum()) for index, name in enumerate(scan.classes)}
     for name, count in counts.items():
         if count == 0:
             raise DataError(
-                f"every file of class {name!r} in data.raw_dir={raw_dir} failed to decode: "
-                f"check or remove {raw_dir / name} (reasons in the warnings above)"
+                f"no file of class {name!r} in data.raw_dir={raw_dir} could be kept: "
+                f"check or remove {raw_dir / name} (a discarded-per-reason summary is in the log)"
             )
     np.save(tmp / "labels.npy", label_array)
-    with open(tmp / "manifest.csv", "w", newline="") as handle:
+    with open(tmp / "manifest.csv", "w", newline="", **_TEXT) as handle:
         writer = csv.writer(handle)
         writer.writerow(("path", "label", "status", "reason", "index"))
-        writer.writerows(manifest)
-    discarded = len(samples) - kept
-    seconds = time.perf_counter() - start
+        for raw in scan.files:
+            if raw.relative in kept_index:
+                writer.writerow((raw.relative, raw.class_name, "kept", "", kept_index[raw.relative]))
+            else:
+                writer.writerow((raw.relative, raw.class_name, "discarded", reasons[raw.relative], ""))
+        handle.flush()
+        os.fsync(handle.fileno())
+    by_reason = Counter(_reason_kind(reason) for reason in reasons.values())
+    _warn_about_unreadable(raw_dir, reasons)
     _write_json(
         tmp / "meta.json",
         {
-            "classes": classes,
+            "classes": scan.classes,
             "image_size": image_size,
             "grayscale": grayscale,
             "channels": channels,
             "count": counts,
-            "discarded": discarded,
-            "files_seen": len(samples),
+            "kept": len(labels),
+            "discarded": len(reasons),
+            "files_seen": len(scan.files),
+            "discarded_by_reason": dict(sorted(by_reason.items())),
+            "placeholder_groups": placeholder_groups,
+            "discard": dataclasses.asdict(rules),
             "fingerprint": fingerprint,
             "raw_dir": str(raw_dir),
             "preprocess_version": PREPROCESS_VERSION,
-            "build_seconds": round(seconds, 3),
+            "workers": workers,
+            "seconds": {
+                "scan": round(hash_start - started, 3),
+                "placeholders": round(hash_seconds, 3),
+                "decode": round(decode_seconds, 3),
+                "total": round(time.perf_counter() - started, 3),
+            },
         },
     )
-    with open(tmp / "images.npy", "rb+") as handle:
-        os.fsync(handle.fileno())  # data on disk before 'done' says it is
     (tmp / "done").write_text("complete\n")
-    kept_per_class = ", ".join(f"{name}={count}" for name, count in counts.items())
-    return f"{len(samples)} files seen, kept {kept_per_class}, {discarded} discarded, {seconds:.1f} s"
+
+
+def _reason_kind(reason: str) -> str:
+    """"unreadable: truncated (OSError: ...)" -> "unreadable: truncated"."""
+    return reason.split(" (", 1)[0]
+
+
+def _warn_about_unreadable(raw_dir: Path, reasons: Mapping[str, str], shown: int = 3) -> None:
+    """One warning for broken downloads: how many of each kind, a few names; all are in manifest.csv."""
+    broken = sorted(path for path, reason in reasons.items() if reason.startswith("unreadable"))
+    if not broken:
+        return
+    kinds = Counter(_reason_kind(reasons[path]).removeprefix("unreadable: ") for path in broken)
+    summary = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
+    examples = ", ".join(broken[:shown]) + (", ..." if len(broken) > shown else "")
+    log.warning(
+        "%s: skipped %d unreadable files (%s), e.g. %s; every file and reason is in the cache's manifest.csv",
+        raw_dir, len(broken), summary, examples,
+    )
+
+
+def format_report(cache: Cache, seconds: float | None = None) -> str:
+    """A short human report: files seen, kept per class, discarded per reason, placeholder groups, time, path."""
+    meta = cache.meta
+    kept = ", ".join(f"{name} {count}" for name, count in meta.get("count", {}).items())
+    build = meta.get("seconds", {}).get("total")
+    if cache.built:
+        timing = f"built in {build:.2f} s ({meta.get('workers', '?')} processes)"
+    else:
+        timing = "reused, nothing decoded" + (f" (built earlier in {build:.2f} s)" if build is not None else "")
+    lines = [
+        f"cache: {cache.path}",
+        f"  {timing}" + (f"; this run took {seconds:.2f} s" if seconds is not None else ""),
+        f"  files seen: {meta.get('files_seen', '?')}",
+        f"  kept: {len(cache)} ({kept})",
+        f"  discarded: {cache.discarded}",
+    ]
+    by_reason = meta.get("discarded_by_reason", {})
+    width = max((len(reason) for reason in by_reason), default=0)
+    lines += [f"    {reason:<{width}}  {count}" for reason, count in by_reason.items()]
+    groups = meta.get("placeholder_groups", [])
+    lines.append(f"  placeholder groups: {len(groups)}")
+    for group in groups[:10]:
+        per_class = ", ".join(f"{name} {n}" for name, n in group["per_class"].items())
+        tag = "known digest" if group["known"] else "repeated"
+        files = f"{group['files']} file{'s' if group['files'] != 1 else ''}"
+        lines.append(f"    sha256 {group['sha256']}: {files} ({per_class}; {tag}), e.g. {group['example']}")
+    if len(groups) > 10:
+        lines.append(f"    ... {len(groups) - 10} more groups in meta.json")
+    lines.append(f"  manifest: {cache.path / 'manifest.csv'}")
+    return "\n".join(lines)
