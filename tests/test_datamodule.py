@@ -65,6 +65,24 @@ def test_batch_sampler_length_matches_what_it_yields_and_follows_set_epoch(balan
     assert list(sampler) == batches
 
 
+@pytest.mark.parametrize("balance", [False, True])
+def test_data_parallel_shares_are_disjoint_and_equal_for_training(balance):
+    indices = np.arange(len(LABELS))
+    shares = [
+        EpochBatchSampler(indices, LABELS, 32, shuffle=True, balance=balance, seed=0, num_replicas=2, rank=r)
+        for r in (0, 1)
+    ]
+    batches = [list(share) for share in shares]
+    assert len(batches[0]) == len(batches[1]) == len(shares[0])  # same number of steps on every process
+    seen = [sum(b, []) for b in batches]
+    assert set(seen[0]).isdisjoint(seen[1])
+    single = epoch_order(indices, LABELS, epoch=0, seed=0, balance=balance)
+    assert sorted(seen[0] + seen[1]) == sorted(single.tolist()[: len(single) - len(single) % 2])
+    evaluation = [EpochBatchSampler(indices[:7], LABELS, 2, shuffle=False, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [sum(list(e), []) for e in evaluation] == [[0, 2, 4, 6], [1, 3, 5]]
+    assert [len(e) for e in evaluation] == [2, 2]
+
+
 def test_eval_sampler_keeps_order():
     indices = np.array([5, 2, 9, 11])
     sampler = EpochBatchSampler(indices, np.zeros(12, dtype=np.int64), batch_size=3, shuffle=False)
@@ -87,6 +105,7 @@ def test_datamodule_gives_uint8_batches_and_float_on_the_device(make_raw, tmp_pa
 
     class _Trainer:  # what on_after_batch_transfer looks at
         training = False
+        current_epoch = 0
 
     dm.trainer = _Trainer()
     plain, _ = dm.on_after_batch_transfer((images, labels), 0)
@@ -95,6 +114,11 @@ def test_datamodule_gives_uint8_batches_and_float_on_the_device(make_raw, tmp_pa
     _Trainer.training = True
     augmented, _ = dm.on_after_batch_transfer((images, labels), 0)
     assert augmented.shape == plain.shape and not torch.allclose(augmented, plain)
+    # augmentations are a function of (seed, epoch): the same epoch again draws the same
+    dm._generator_key = None
+    assert torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], augmented)
+    _Trainer.current_epoch = 1
+    assert not torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], augmented)
 
 
 def test_balanced_datamodule_epoch_has_equal_classes(make_raw, tmp_path):

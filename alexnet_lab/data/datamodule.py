@@ -2,11 +2,14 @@
 
 Batches leave the loader as uint8 ``(B, C, S, S)`` and are turned into float ``[0, 1]``
 (and augmented, when training with ``augment``) only after they reach the device, so the
-host only ever slices the memory-mapped cache.
+host only ever slices the memory-mapped cache. On a GPU (``on_device``) even that goes: each
+split is uploaded once and batches are gathered on the device from an order uploaded once per
+epoch, so a training step never waits for the host.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alexnet_lab.data.augment import AugmentConfig, augment_batch, to_float
 from alexnet_lab.data.preprocess import Cache, DataError, build_cache
-from alexnet_lab.data.synthetic import ensure_synthetic
+from alexnet_lab.data.synthetic import ensure_from_config
+
+log = logging.getLogger(__name__)
 
 
 def stratified_split(
@@ -41,6 +46,11 @@ def stratified_split(
     return tuple(np.sort(np.concatenate(part)) for part in (train, val, test))  # type: ignore[return-value]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for one epoch of one run, independent of every other (seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def epoch_order(indices: np.ndarray, labels: np.ndarray, *, epoch: int, seed: int, balance: bool) -> np.ndarray:
     """The images one training epoch visits, in order.
 
@@ -61,7 +71,10 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Yields batches of indices; the order is a pure function of (seed, epoch).
 
     Lightning calls ``set_epoch`` before each epoch, so a resumed run replays the same order.
-    ``shuffle=False`` keeps the given order (evaluation).
+    ``shuffle=False`` keeps the given order (evaluation). Under data-parallel training each
+    of ``num_replicas`` processes takes every ``num_replicas``-th image of the epoch's order;
+    training cuts the order to a multiple of ``num_replicas`` so that every process runs the
+    same number of steps (a process waiting for a missing step would hang the others).
     """
 
     def __init__(
@@ -73,9 +86,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         shuffle: bool,
         balance: bool = False,
         seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         self.indices, self.labels = indices, labels
         self.batch_size, self.shuffle, self.balance, self.seed = batch_size, shuffle, balance, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -83,8 +99,10 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def _order(self) -> np.ndarray:
         if not self.shuffle:
-            return self.indices
-        return epoch_order(self.indices, self.labels, epoch=self.epoch, seed=self.seed, balance=self.balance)
+            return self.indices[self.rank :: self.num_replicas]
+        order = epoch_order(self.indices, self.labels, epoch=self.epoch, seed=self.seed, balance=self.balance)
+        order = order[: len(order) - len(order) % self.num_replicas]
+        return order[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()
@@ -96,6 +114,10 @@ class EpochBatchSampler(Sampler[list[int]]):
         if self.shuffle and self.balance:
             counts = np.unique(self.labels[self.indices], return_counts=True)[1]
             n = len(counts) * int(counts.min())
+        if self.shuffle:
+            n = n // self.num_replicas
+        else:
+            n = len(range(self.rank, n, self.num_replicas))
         return -(-n // self.batch_size)
 
 
@@ -114,11 +136,62 @@ class CacheBatches(Dataset):
         return torch.from_numpy(self.images[idx]), torch.from_numpy(self.labels[idx])
 
 
+class DeviceBatches:
+    """Batches gathered on the device from a device-resident copy of one split: an iterable for Lightning.
+
+    ``images`` (uint8 (n, C, S, S)) and ``labels`` (int64 (n,)) hold the split's rows on the
+    device; ``positions`` maps a cache index to its row there. Each epoch the order comes from
+    ``sampler`` (the host path's own :class:`EpochBatchSampler`, balanced and rank-aware), is
+    uploaded once, and every batch is one gather on the device: the same batches as the host
+    path for the same seed, with no host work and no host-device copy per step. ``sampler``
+    is public so that Lightning calls its ``set_epoch`` before each epoch.
+    """
+
+    batch_sampler = None  # Lightning looks for one next to ``sampler``
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, positions: np.ndarray, sampler: EpochBatchSampler
+    ) -> None:
+        self.images, self.labels, self.positions, self.sampler = images, labels, positions, sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.positions[self.sampler._order()]  # (n,) rows of this split, host
+        rows = torch.from_numpy(order).to(self.images.device, non_blocking=True)  # one upload per epoch
+        size = self.sampler.batch_size
+        for start in range(0, len(order), size):
+            batch = rows[start : start + size]
+            yield self.images[batch], self.labels[batch]  # (B, C, S, S) uint8, (B,) int64
+
+
+def upload_split(
+    cache: Cache, indices: np.ndarray, device: torch.device, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's uint8 images and int64 labels as tensors on ``device``, in ``indices`` order.
+
+    Copied ``chunk`` images at a time, so the host never holds more than one chunk of a
+    memory-mapped cache that may be larger than RAM.
+    """
+    images = torch.empty((len(indices), *cache.images.shape[1:]), dtype=torch.uint8, device=device)
+    for start in range(0, len(indices), chunk):
+        part = np.ascontiguousarray(cache.images[indices[start : start + chunk]])
+        images[start : start + len(part)] = torch.from_numpy(part).to(device)
+    return images, torch.from_numpy(cache.labels[indices]).to(device)
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Raw folder -> cache -> stratified splits -> uint8 batches -> float (augmented) on the device.
 
-    With ``synthetic`` set (``{"seed": ..., "counts": {...}}``) the embedded data set is
-    generated into ``raw_dir`` first if it is not there yet.
+    With ``synthetic`` set (``{"seed": ..., "counts": {...}, "placeholders": ..., "broken": ...}``)
+    the embedded data set is generated into ``raw_dir`` first if it is not there yet.
+    ``discard`` (``data.discard``: min_copies, known_digests, min_std, max_image_pixels) says
+    which files preprocessing throws away; None = the defaults of `DiscardRules`.
+    ``on_device``: hold each split on the trainer's device and gather batches there
+    (:class:`DeviceBatches`): ``"auto"`` on a CUDA device when the cache takes at most half of
+    its free memory, ``True`` on any device (a CPU too: the same batches, for tests), ``False``
+    never (batches sliced from the memory-mapped cache on the host, then copied).
     """
 
     def __init__(
@@ -139,8 +212,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         progress: bool = True,
         synthetic: Mapping[str, Any] | None = None,
         eval_batch_size: int | None = None,
+        discard: Mapping[str, Any] | None = None,
+        on_device: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if on_device not in ("auto", True, False):
+            raise ValueError(f"data.on_device={on_device!r}: must be auto, true or false")
         self.raw_dir, self.cache_dir = Path(raw_dir).expanduser(), Path(cache_dir).expanduser()
         self.image_size, self.grayscale = image_size, grayscale
         self.balance, self.augment = balance, augment
@@ -150,7 +227,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.seed, self.workers, self.progress = seed, workers, progress
         self.synthetic = dict(synthetic) if synthetic else None
+        self.discard = dict(discard) if discard else None
+        self.on_device = on_device
         self.cache: Cache | None = None
+        self._device_splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (split, device) -> data
+        self._device_choice: dict[str, bool] = {}  # device -> whether the splits are held there
 
     def prepare_data(self) -> None:
         """Generate the embedded data set if needed, and build (or find) the cache."""
@@ -159,12 +240,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _load(self) -> Cache:
         if self.cache is None:
             if self.synthetic is not None:
-                ensure_synthetic(
-                    self.raw_dir,
-                    counts=dict(self.synthetic["counts"]),
-                    seed=int(self.synthetic["seed"]),
-                    progress=self.progress,
-                )
+                ensure_from_config(self.raw_dir, self.synthetic, progress=self.progress)
             self.cache = build_cache(
                 self.raw_dir,
                 self.cache_dir,
@@ -172,6 +248,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 grayscale=self.grayscale,
                 workers=self.workers,
                 progress=self.progress,
+                discard=self.discard,
             )
         return self.cache
 
@@ -199,31 +276,82 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def in_channels(self) -> int:
         return int(self._load().images.shape[1])
 
-    def _loader(self, indices: np.ndarray, *, train: bool) -> DataLoader:
+    def _batch_device(self) -> torch.device | None:
+        """The device that holds the splits and gathers batches (``on_device``), or None: the host path.
+
+        Decided once per device, before anything is uploaded, so that every split goes the same way.
+        """
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.on_device is not True and (self.on_device is False or device.type != "cuda"):
+            return None
+        key = str(device)
+        if key not in self._device_choice:
+            fits = True
+            if self.on_device == "auto":
+                free_bytes, _ = torch.cuda.mem_get_info(device)
+                fits = self._load().images.nbytes <= free_bytes // 2  # leave half for the model and activations
+                if not fits:
+                    log.warning(
+                        "data.on_device=auto: the cache (%.1f GiB) takes more than half of the free memory of %s; "
+                        "batches come from the host instead",
+                        self._load().images.nbytes / 2**30,
+                        device,
+                    )
+            self._device_choice[key] = fits
+        return device if self._device_choice[key] else None
+
+    def _loader(self, split: str, indices: np.ndarray, *, train: bool) -> DataLoader | DeviceBatches:
         cache = self._load()
+        # data-parallel: each process takes its share; batch_size stays the batch of one optimizer step
+        replicas = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        batch_size = max(1, self.batch_size // replicas) if train else self.eval_batch_size
         sampler = EpochBatchSampler(
             indices,
             cache.labels,
-            self.batch_size if train else self.eval_batch_size,
+            batch_size,
             shuffle=train,
             balance=self.balance and train,
             seed=self.seed,
+            num_replicas=replicas,
+            rank=rank,
         )
+        device = self._batch_device()
+        if device is not None:
+            key = (split, str(device))
+            if key not in self._device_splits:  # uploaded once, kept for later fits and tests
+                self._device_splits[key] = upload_split(cache, indices, device)
+            positions = np.full(len(cache), -1, dtype=np.int64)  # cache index -> row of the split on the device
+            positions[indices] = np.arange(len(indices))
+            return DeviceBatches(*self._device_splits[key], positions, sampler)
         # batch_size=None: the sampler hands over whole batches, the dataset slices them at once
         return DataLoader(CacheBatches(cache), sampler=sampler, batch_size=None, num_workers=0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_idx, train=True)
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("train", self.train_idx, train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_idx, train=False)
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("val", self.val_idx, train=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_idx, train=False)
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("test", self.test_idx, train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
         images = to_float(images)  # (B, C, S, S) uint8 -> float in [0, 1], on the device
         if self.augment and self.trainer is not None and self.trainer.training:
-            images = augment_batch(images, self.augment_config)
+            images = augment_batch(images, self.augment_config, self._augment_generator(images.device))
         return images, labels
+
+    def _augment_generator(self, device: torch.device) -> torch.Generator:
+        """The augmentations' own generator, seeded by (seed, epoch) on the batch's device.
+
+        An epoch's augmentations then depend on nothing that ran before it, so a run resumed
+        from an end-of-epoch checkpoint draws exactly what the uninterrupted run drew.
+        """
+        key = (self.trainer.current_epoch, str(device))
+        if getattr(self, "_generator_key", None) != key:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(epoch_seed(self.seed, key[0]))
+            self._generator_key = key
+        return self._generator
