@@ -1,0 +1,411 @@
+"""Verdicts from crafted histories; the sweep report on crafted run dirs (failed, missing, seeds); CLI, callback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from alexnet_lab.callbacks import SweepReport
+from alexnet_lab.report import (
+    VERDICTS,
+    VerdictThresholds,
+    config_diff,
+    experiment_rows,
+    group_runs,
+    load_run,
+    load_runs,
+    plot_training_stats,
+    split_label,
+    strip_common,
+    verdicts,
+    write_report,
+)
+from conftest import ROOT, compose_config, run_train, tiny_overrides
+
+# --------------------------------------------------------------------------- crafted histories
+
+
+def history(
+    epochs: int = 20,
+    *,
+    train_acc: tuple[float, float] = (0.6, 0.9),
+    val_acc: tuple[float, float] = (0.58, 0.82),
+    train_loss: list[float] | None = None,
+    val_loss: list[float] | None = None,
+    cat_frac: float = 0.55,
+) -> list[dict[str, float]]:
+    """A per-epoch history shaped like metrics.json's; the defaults are a healthy run."""
+    ramp = np.linspace(0, 1, epochs)
+    train_loss = train_loss if train_loss is not None else list(np.linspace(0.69, 0.3, epochs))
+    val_loss = val_loss if val_loss is not None else list(np.linspace(0.69, 0.4, epochs))
+    rows = []
+    for i in range(epochs):
+        val = val_acc[0] + (val_acc[1] - val_acc[0]) * ramp[i]
+        rows.append(
+            {
+                "epoch": i,
+                "epoch_s": 1.0,
+                "train/loss": float(train_loss[i]),
+                "train/acc": float(train_acc[0] + (train_acc[1] - train_acc[0]) * ramp[i]),
+                "val/loss": float(val_loss[i]),
+                "val/acc": float(val),
+                "val/balanced_acc": float(val - 0.01),
+                "val/pred_frac/cat": cat_frac,
+                "val/pred_frac/dog": 1 - cat_frac,
+            }
+        )
+    return rows
+
+
+def collapsed_history() -> list[dict[str, float]]:
+    rows = history(train_acc=(0.59, 0.59), val_acc=(0.59, 0.59), cat_frac=0.99)
+    for row in rows:
+        row["val/balanced_acc"] = 0.5
+        row["train/loss"] = row["val/loss"] = 0.68
+    return rows
+
+
+def chance_history() -> list[dict[str, float]]:
+    rows = history(train_acc=(0.52, 0.52), val_acc=(0.51, 0.51), cat_frac=0.5)
+    for row in rows:
+        row["train/loss"] = row["val/loss"] = 0.69
+    return rows
+
+
+def test_a_healthy_run_gets_no_verdict():
+    assert verdicts(history()) == []
+
+
+def test_an_empty_history_gets_no_verdict():
+    assert verdicts([]) == []
+
+
+def test_collapsed_when_val_predictions_go_to_one_class():
+    assert verdicts(collapsed_history()) == ["collapsed", "chance"]
+
+
+def test_chance_without_collapse():
+    assert verdicts(chance_history()) == ["chance"]
+
+
+def test_overfit_when_train_accuracy_is_far_above_val():
+    rows = history(train_acc=(0.6, 1.0), val_acc=(0.6, 0.7))
+    assert verdicts(rows) == ["overfit"]
+
+
+def test_overfit_when_val_loss_rises_while_train_loss_falls():
+    val_loss = [0.7 - 0.03 * i for i in range(10)] + [0.43 + 0.03 * i for i in range(10)]  # min 0.43, ends ~0.7
+    rows = history(train_acc=(0.6, 0.8), val_acc=(0.6, 0.75), val_loss=val_loss)
+    assert verdicts(rows) == ["overfit"]
+
+
+def test_val_loss_rising_while_train_loss_stays_flat_is_not_overfitting():
+    val_loss = [0.3 - 0.02 * i for i in range(10)] + [0.1 + 0.02 * i for i in range(10)]  # doubles after epoch 9
+    train_loss = [0.3 - 0.02 * i for i in range(10)] + [0.12] * 10
+    assert verdicts(history(train_loss=train_loss, val_loss=val_loss)) == []
+
+
+def test_a_noisy_flat_val_loss_is_not_overfitting():
+    val_loss = [0.5 + 0.02 * (-1) ** i for i in range(20)]
+    assert verdicts(history(val_loss=val_loss)) == []
+
+
+def test_diverged_on_a_non_finite_loss():
+    rows = history()
+    rows[-1]["train/loss"] = math.nan
+    assert "diverged" in verdicts(rows)
+    rows = history()
+    rows[3]["val/loss"] = math.inf
+    assert "diverged" in verdicts(rows)
+
+
+def test_diverged_when_the_loss_grows_without_bound():
+    growing = [0.69 * 1.3**i for i in range(20)]  # about 100x by the end
+    rows = history(train_acc=(0.6, 0.5), val_acc=(0.6, 0.5), train_loss=growing, val_loss=growing)
+    found = verdicts(rows)
+    assert "diverged" in found and "overfit" not in found  # train loss rose too: not overfitting
+
+
+def test_thresholds_come_from_config():
+    rows = history(train_acc=(0.6, 0.9), val_acc=(0.6, 0.8))  # gap 0.1
+    assert verdicts(rows) == []
+    assert verdicts(rows, {"overfit_gap": 0.05}) == ["overfit"]
+    assert verdicts(collapsed_history(), {"collapsed_pred_frac": 0.999}) == ["chance"]
+
+
+def test_config_block_documents_the_same_defaults():
+    cfg = compose_config()
+    assert OmegaConf.to_container(cfg.verdicts) == asdict(VerdictThresholds())
+    assert verdicts(collapsed_history(), cfg.verdicts) == ["collapsed", "chance"]  # a DictConfig works
+
+
+@pytest.mark.parametrize(
+    ("block", "key"),
+    [
+        ({"windw": 3}, "verdicts.windw"),
+        ({"window": 0}, "verdicts.window"),
+        ({"chance_margin": "x"}, "verdicts.chance_margin"),
+    ],
+)
+def test_bad_thresholds_name_their_key(block, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        verdicts(history(), block)
+
+
+# --------------------------------------------------------------------------- crafted run dirs
+
+BASE_CONFIG = {
+    "seed": 0,
+    "run_name": "${run_label:${hydra:job.override_dirname}}",
+    "model": {"arch": "notebook", "downscale": 16, "dropout": 0.0},
+    "optim": {"name": "Adam", "lr": 0.001, "betas": [0.9, 0.999]},
+    "data": {"raw_dir": "/data/a", "balance": False, "augment": False},
+    "trainer": {"max_epochs": 20},
+}
+
+
+def make_run(
+    parent: Path,
+    dirname: str,
+    *,
+    rows: list[dict[str, float]] | None = None,
+    metrics: dict | None = None,
+    config: dict | None = None,
+    optim: str = "adam",
+    write_metrics: bool = True,
+) -> Path:
+    """A run dir as train.py leaves it: .hydra/config.yaml, .hydra/hydra.yaml, metrics.json."""
+    run = parent / dirname
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config or BASE_CONFIG), run / ".hydra" / "config.yaml")
+    choices = {"model": "alexnet", "optim": optim, "data": "synthetic", "hydra/launcher": "basic"}
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": choices}}}), run / ".hydra" / "hydra.yaml")
+    if write_metrics:
+        rows = rows if rows is not None else history()
+        data = {
+            "status": "ok",
+            "run_name": dirname.split("_", 1)[1],
+            "epochs": len(rows),
+            "wall_s": 12.5,
+            "val_acc": rows[-1]["val/acc"] if rows else math.nan,
+            "val_acc_best": max((r["val/acc"] for r in rows), default=math.nan),
+            "val_balanced_acc": rows[-1]["val/balanced_acc"] if rows else math.nan,
+            "test_acc": 0.8,
+            "test_balanced_acc": 0.79,
+            "history": rows,
+            **(metrics or {}),
+        }
+        (run / "metrics.json").write_text(json.dumps(data))
+    return run
+
+
+def with_changes(**changes: Any) -> dict:
+    """BASE_CONFIG with keys of a group (a dict) or top-level values (anything else) replaced."""
+    config = json.loads(json.dumps(BASE_CONFIG))
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    return config
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_report_lists_failed_missing_and_damaged_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0_healthy")
+    make_run(sweep, "1_collapsed", rows=collapsed_history(), config=with_changes(model={"downscale": 8}))
+    failed = {"status": "failed", "error": "data.raw_dir=/nope: not a folder"}
+    make_run(sweep, "2_bad", metrics=failed, rows=[], config=with_changes(model={"downscale": 4}))
+    make_run(sweep, "3_killed", write_metrics=False, config=with_changes(model={"downscale": 2}))
+    make_run(sweep, "4_torn", write_metrics=False, config=with_changes(model={"downscale": 1}))
+    (sweep / "4_torn" / "metrics.json").write_text('{"status": "ok", "hist')
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / "not_a_run").mkdir()
+
+    written = write_report(sweep)
+
+    rows = read_csv(written["report.csv"])
+    assert [row["run"] for row in rows] == ["healthy", "collapsed", "bad", "killed", "torn"]
+    assert [row["status"] for row in rows] == ["ok", "ok", "failed", "no metrics.json", "unreadable metrics.json"]
+    assert rows[0]["verdicts"] == "" and rows[1]["verdicts"] == "collapsed, chance"
+    assert rows[2]["error"] == "data.raw_dir=/nope: not a folder" and rows[2]["val_acc_best"] == ""
+    assert float(rows[0]["val_acc_best"]) == pytest.approx(0.82) and rows[0]["epochs"] == "20"
+    markdown = written["report.md"].read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 5  # header + one row per run
+    assert "failed: data.raw_dir=/nope: not a folder" in markdown and "no metrics.json" in markdown
+    assert "2 finished" in markdown
+    assert written["curves.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plotly" in written["report.html"].read_text()[:2_000_000]
+
+
+def test_verdicts_are_judged_with_each_runs_own_thresholds(tmp_path):
+    strict = with_changes(verdicts={"collapsed_pred_frac": 0.999})
+    judged = load_run(make_run(tmp_path, "0_a", rows=collapsed_history(), metrics={"verdicts": ["overfit"]}))
+    own = load_run(make_run(tmp_path, "1_b", rows=collapsed_history(), config=strict))
+    stored_only = load_run(make_run(tmp_path, "2_c", rows=[], metrics={"verdicts": ["diverged"]}))
+    assert judged.verdicts == ["collapsed", "chance"]  # from the history, not an older stored list
+    assert own.verdicts == ["chance"]
+    assert stored_only.verdicts == ["diverged"]  # no history to judge: metrics.json's list stands
+
+
+def test_a_run_dir_and_its_metrics_json_report_on_that_run(tmp_path):
+    run = make_run(tmp_path, "0_only")
+    assert [r.label for r in load_runs(run)] == ["only"]
+    assert [r.label for r in load_runs(run / "metrics.json")] == ["only"]
+    assert (write_report(run)["report.md"]).parent == run
+
+
+def test_what_differs_reads_the_resolved_configs(tmp_path):
+    bare = load_run(make_run(tmp_path, "0_bare"))
+    balanced = load_run(make_run(tmp_path, "1_balanced", config=with_changes(data={"balance": True, "raw_dir": "/b"})))
+    sgd_config = with_changes(data={"balance": True}, optim={"name": "SGD", "lr": 0.001, "momentum": 0.0})
+    del sgd_config["optim"]["betas"]
+    sgd = load_run(make_run(tmp_path, "2_sgd", config=sgd_config, optim="sgd"))
+    faster_config = json.loads(json.dumps(sgd_config))
+    faster_config["optim"]["lr"] = 0.01
+    faster = load_run(make_run(tmp_path, "3_faster", config=faster_config, optim="sgd"))
+    assert config_diff(None, bare) == ""
+    assert config_diff(bare, balanced) == "data.balance=true"  # data.raw_dir is a path: ignored
+    assert config_diff(balanced, sgd) == "optim=sgd"  # the keys that come with the group are implied
+    assert config_diff(sgd, faster) == "optim.lr=0.01"
+    assert config_diff(bare, load_run(make_run(tmp_path, "4_seed", config=with_changes(seed=1)))) == "seed=1"
+
+
+def test_labels_split_at_top_level_commas_and_drop_shared_overrides():
+    label = "ablation_0_bare,data.synthetic.counts={cat:18,dog:12},trainer.max_epochs=1"
+    assert split_label(label) == ["ablation_0_bare", "data.synthetic.counts={cat:18,dog:12}", "trainer.max_epochs=1"]
+    other = label.replace("ablation_0_bare", "ablation_1_balanced")
+    assert strip_common([label, other]) == ["ablation_0_bare", "ablation_1_balanced"]
+    assert strip_common([label]) == [label]
+
+
+def test_seeds_group_into_experiments_with_mean_and_spread(tmp_path):
+    sweep = tmp_path / "sweep"
+    job = 0
+    steps = (("ablation_0_bare", (0.6, 0.7, 0.8), 0.0), ("ablation_2_dropout", (0.9, 0.9, 0.9), 0.5))
+    for name, accs, dropout in steps:
+        for seed, acc in enumerate(accs):
+            make_run(
+                sweep,
+                f"{job}_{name},seed={seed}",
+                rows=history(val_acc=(0.55, acc)),
+                config=with_changes(seed=seed, model={"dropout": dropout}),
+            )
+            job += 1
+    runs = load_runs(sweep)
+    experiments = group_runs(runs)
+    assert [(e.label, len(e.runs)) for e in experiments] == [("ablation_0_bare", 3), ("ablation_2_dropout", 3)]
+    rows = experiment_rows(experiments)
+    assert rows[0]["val_acc_best_mean"] == pytest.approx(0.7) and rows[0]["val_acc_best_std"] == pytest.approx(0.1)
+    assert rows[1]["val_acc_best_mean"] == pytest.approx(0.9) and rows[1]["val_acc_best_std"] == pytest.approx(0.0)
+    assert rows[0]["differs"] == "" and rows[1]["differs"] == "model.dropout=0.5"  # seed is not a difference
+    markdown = write_report(sweep)["report.md"].read_text()
+    assert "0.700 ± 0.100" in markdown and "mean ± standard deviation" in markdown
+
+    figure = plot_training_stats(sweep)
+    lines = [trace for trace in figure.data if trace.fill is None]
+    bands = [trace for trace in figure.data if trace.fill == "toself"]
+    assert len(lines) == 2 * 2 * 2 and len(bands) == 2 * 2 * 2  # experiments x panels x (train, val)
+    bare = [trace for trace in lines if trace.legendgroup == "ablation_0_bare"]
+    val_acc = next(trace for trace in bare if trace.xaxis == "x2" and trace.line.dash == "solid")
+    assert val_acc.y[-1] == pytest.approx(0.7)  # the mean of the three seeds' last epoch
+
+
+def test_figure_has_one_legend_entry_per_run_and_dashed_train_curves(tmp_path):
+    make_run(tmp_path, "0_bare", rows=collapsed_history())
+    make_run(tmp_path, "1_balanced", config=with_changes(data={"balance": True}))
+    figure = plot_training_stats(tmp_path)
+    assert len(figure.data) == 2 * 2 * 2
+    legend = [trace.name for trace in figure.data if trace.showlegend]
+    assert legend == ["bare: collapsed, chance", "balanced"]
+    assert {trace.line.dash for trace in figure.data} == {"dash", "solid"}
+    assert figure.layout.yaxis.type == "log"
+    assert len({trace.line.color for trace in figure.data}) == 2
+
+
+# --------------------------------------------------------------------------- CLI and callback
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "plot_training_stats.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_writes_the_report_into_the_dir(tmp_path):
+    make_run(tmp_path, "0_bare")
+    result = run_cli(str(tmp_path), "--no-html")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| bare |" in result.stdout
+    assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
+    assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_cli_without_runs_fails_in_one_line(tmp_path, case):
+    target = tmp_path / "nope"
+    if case == "empty":
+        target.mkdir()
+    result = run_cli(str(target))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and str(target) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def sweep_config(sweep: Path):
+    return OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "mode": RunMode.MULTIRUN}})
+
+
+def test_callback_writes_the_report_at_the_end_of_a_multirun(tmp_path):
+    make_run(tmp_path, "0_bare")
+    SweepReport(html=False).on_multirun_end(config=sweep_config(tmp_path))
+    assert len(read_csv(tmp_path / "report.csv")) == 1
+
+
+def test_callback_writes_after_each_job_once_one_failed(tmp_path):
+    make_run(tmp_path, "0_bare")
+    callback = SweepReport(html=False)
+    callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.COMPLETED))
+    assert not (tmp_path / "report.md").exists()  # nothing failed: the report waits for the multirun's end
+    callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.FAILED))
+    assert (tmp_path / "report.md").exists()
+
+
+def test_callback_never_fails_the_sweep(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="alexnet_lab.callbacks"):
+        SweepReport().on_multirun_end(config=sweep_config(tmp_path / "empty"))
+    assert "sweep report not written" in caplog.text and str(tmp_path / "empty") in caplog.text
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_failed_job_still_gets_its_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model.downscale=16,0", *tiny_overrides(tmp_path), f"hydra.sweep.dir={sweep}"]
+    result = run_train(args, cwd=tmp_path)
+    assert result.returncode != 0  # Hydra reports the failed job at the end
+    rows = read_csv(sweep / "report.csv")
+    assert [row["status"] for row in rows] == ["ok", "failed"]
+    assert "model.downscale" in rows[1]["error"] and rows[1]["differs"] == "model.downscale=0"
+    assert set(rows[0]["verdicts"].split(", ")) - {""} <= set(VERDICTS)
