@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,18 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.trainer.states import TrainerStatus
 
 from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.data.preprocess import DataError
 from alexnet_lab.model import AlexNetConfig
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
+from alexnet_lab.report import VerdictThresholds, verdicts
+from alexnet_lab.run_state import RunState, finished_metrics, history_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +39,16 @@ log = logging.getLogger(__name__)
 _INT_KEYS = {"data.image_size": 64, "data.batch_size": 1, "trainer.max_epochs": 1}
 
 
+#: torch's thread count when this process started; each job starts from it again
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line naming the key and what to do."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training; metrics.json says ``interrupted``."""
 
 
 def run_label(override_dirname: str) -> str:
@@ -73,9 +87,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr={lr!r}: must be a positive number")
     if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int)):
         raise ConfigError(f"seed={cfg.seed!r}: must be an integer")
+    max_loss = OmegaConf.select(cfg, "divergence.max_train_loss", default=20.0)
+    if isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or not max_loss > 0:
+        raise ConfigError(f"divergence.max_train_loss={max_loss!r}: must be a positive number (nats)")
     try:
         optimizer_class(cfg.optim.name)
         AlexNetConfig(**cfg.model)  # checks arch, downscale, dropout before any data work
+        VerdictThresholds.from_mapping(cfg.get("verdicts"))  # else a bad threshold fails after training
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
 
@@ -109,20 +127,40 @@ def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
         workers=data["workers"],
         progress=data["progress"],
         synthetic=data.get("synthetic"),
+        discard=data.get("discard"),
     )
 
 
-def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def reset_job_state(cfg: DictConfig, parallel_jobs: int = 1) -> None:
+    """Set what a job depends on, since a multirun runs its jobs one after another in one process.
+
+    ``parallel_jobs`` jobs side by side (a joblib launcher) share the cores instead of each
+    taking all of them.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // parallel_jobs) if parallel_jobs > 1 else _DEFAULT_THREADS)
+    if cfg.seed is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+
+def train(
+    cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, parallel_jobs: int = 1
+) -> dict[str, Any]:
     """Train and test one configuration; write TensorBoard logs, checkpoints and metrics.json into ``run_dir``.
 
+    With ``resume: true`` a run dir whose metrics.json says the run finished is skipped
+    (its metrics are returned), and an unfinished one continues from ``checkpoints/last.ckpt``.
     Returns the metrics written to ``metrics.json``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume = bool(cfg.get("resume", False))
+    if resume and (done := finished_metrics(run_dir)) is not None:
+        log.info("%s already finished (%s): skipped", run_dir, done["status"])
+        return done
     started = time.perf_counter()
     check_config(cfg)
-    if cfg.seed is not None:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    reset_job_state(cfg, parallel_jobs)
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
@@ -131,17 +169,50 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         model=_plain(cfg.model), optim=_plain(cfg.optim), classes=datamodule.classes, in_channels=datamodule.in_channels
     )
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    # Both save at the end of each training epoch, after the epoch's history row exists, so a
+    # resume replays nothing. Two callbacks: since Lightning 2.6, `save_last` on a monitored
+    # checkpoint writes last.ckpt only in epochs where the monitored metric improved.
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/acc",
         mode="max",
-        save_last=True,
         auto_insert_metric_name=False,
+        save_on_train_epoch_end=True,
     )
-    trainer = pl.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=[checkpoint], default_root_dir=str(run_dir))
+    last_checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,  # overwrite last.ckpt, never last-v1.ckpt
+        save_on_train_epoch_end=True,
+    )
+    divergence = cfg.get("divergence") or {}
+    guard = EarlyStopping(
+        monitor="train/loss",
+        mode="min",
+        check_finite=True,  # a nan/inf loss stops the run at the end of that epoch
+        divergence_threshold=float(divergence.get("max_train_loss", 20.0)),
+        patience=sys.maxsize,  # this guard only stops runs that blow up, never slow ones
+        check_on_train_epoch_end=True,
+        verbose=False,
+    )
+    # Under SLURM, submitit requeues a timed-out or preempted job and `resume=true` continues
+    # it; Lightning's own requeue handler would fight submitit's over the same signal.
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    trainer = pl.Trainer(
+        **_plain(cfg.trainer),
+        plugins=plugins,
+        logger=logger,
+        callbacks=[checkpoint, last_checkpoint, guard, RunState(cfg.seed if cfg.seed is not None else 0)],
+        default_root_dir=str(run_dir),
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume_from = str(last) if resume and last.exists() else None
     log.info(
-        "training %s: %d parameters, %d train / %d val / %d test images of classes %s, on %s",
+        "%s %s: %d parameters, %d train / %d val / %d test images of classes %s, on %s",
+        f"resuming from {last}" if resume_from else "training",
         cfg.run_name if "run_name" in cfg else run_dir.name,
         module.num_parameters,
         len(datamodule.train_idx),
@@ -150,33 +221,57 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         datamodule.classes,
         trainer.strategy.root_device,
     )
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except SystemExit:  # Lightning's graceful stop on Ctrl-C (exit 1) or SIGTERM
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        epochs = len(history_from_checkpoint(last)) if last.exists() else 0
+        write_json(
+            run_dir / "metrics.json",
+            {"status": "interrupted", "epochs": epochs, "checkpoint": str(last) if last.exists() else None,
+             "overrides": list(overrides or [])},
+        )
+        raise RunInterrupted(f"interrupted after {epochs} finished epochs; rerun with resume=true to continue") from None
+
+    # under ddp_spawn, training ran in child processes: the history comes back in last.ckpt
+    history = module.history or (history_from_checkpoint(last) if last.exists() else [])
+    status = "ok"
+    if guard.stopping_reason in (EarlyStoppingReason.NON_FINITE_METRIC, EarlyStoppingReason.DIVERGENCE_THRESHOLD):
+        status = "diverged"
+        log.warning(
+            "diverged at epoch %d: train loss %s; run stopped", len(history) - 1, history[-1].get("train/loss")
+        )
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None, verbose=False)
 
-    final = module.history[-1] if module.history else {}
-    best = checkpoint.best_model_score
-    test = module.test_metrics
+    final = history[-1] if history else {}
+    val_accs = [row["val/acc"] for row in history if math.isfinite(row.get("val/acc", math.nan))]
+    test = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
     metrics: dict[str, Any] = {
-        "status": "ok",
+        "status": status,
         "run_name": cfg.get("run_name") if "run_name" in cfg else run_dir.name,
-        "epochs": len(module.history),
+        "epochs": len(history),
         "wall_s": round(time.perf_counter() - started, 2),
         "params": module.num_parameters,
         "device": str(trainer.strategy.root_device),
+        "threads": torch.get_num_threads(),
         "seed": cfg.seed,
         "classes": datamodule.classes,
         "val_acc": final.get("val/acc", math.nan),
-        "val_acc_best": float(best) if best is not None else math.nan,
+        "val_acc_best": max(val_accs, default=math.nan),
         "val_balanced_acc": final.get("val/balanced_acc", math.nan),
         "val_pred_frac": {c: final.get(f"val/pred_frac/{c}", math.nan) for c in datamodule.classes},
         "test_acc": test.get("test/acc", math.nan),
         "test_balanced_acc": test.get("test/balanced_acc", math.nan),
         "per_class_recall": {c: test.get(f"test/recall/{c}", math.nan) for c in datamodule.classes},
         "test_pred_frac": {c: test.get(f"test/pred_frac/{c}", math.nan) for c in datamodule.classes},
+        "verdicts": verdicts(history, cfg.get("verdicts")),  # collapsed / chance / overfit / diverged
         "best_checkpoint": checkpoint.best_model_path,
         "overrides": list(overrides or []),
-        "history": module.history,
+        "history": history,
     }
+    if status == "diverged":
+        metrics["diverged"] = {"epoch": len(history) - 1, "train_loss": final.get("train/loss", math.nan)}
     logger.log_hyperparams(
         _plain(cfg),
         metrics={f"hp/{key}": metrics[key] for key in ("val_acc", "val_acc_best", "test_acc", "test_balanced_acc")},
@@ -184,7 +279,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     logger.finalize("success")
     write_json(run_dir / "metrics.json", metrics)
     log.info(
-        "done in %.0f s: val acc %.3f (best %.3f), test acc %.3f, balanced %.3f -> %s",
+        "%s in %.0f s: val acc %.3f (best %.3f), test acc %.3f, balanced %.3f -> %s",
+        "done" if status == "ok" else status,
         metrics["wall_s"],
         metrics["val_acc"],
         metrics["val_acc_best"],
@@ -196,10 +292,12 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
 
 
 def main(cfg: DictConfig) -> float:
-    """Hydra entry: one job. Bad input becomes one line on stderr; a single run then exits 2.
+    """Hydra entry: one job, recorded in its run dir whatever happens.
 
-    In a multirun the error is re-raised so that Hydra's launcher records it and goes on
-    with the other jobs; either way ``metrics.json`` says ``failed`` and why.
+    Bad input becomes one line on stderr and exit 2; Ctrl-C or SIGTERM, exit 130 with
+    ``interrupted``; any other error is ``failed`` in metrics.json with its traceback in
+    the run's log. In a multirun a failed job is re-raised so that Hydra's launcher
+    records it, goes on with the other jobs and exits non-zero at the end.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -207,13 +305,23 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    parallel_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1) or 1)
     try:
-        return float(train(cfg, run_dir, overrides)["val_acc_best"])
+        return float(train(cfg, run_dir, overrides, parallel_jobs=parallel_jobs)["val_acc_best"])
+    except RunInterrupted as err:
+        print(f"{run_dir}: {err}", file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, DataError) as err:
         message = str(err).splitlines()[0]
         write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": overrides})
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if multirun:
             log.error("error: %s", message)
             raise
         print(f"error: {message}", file=sys.stderr)  # once, on stderr: Hydra's log handler writes to stdout
         sys.exit(2)
+    except Exception as err:
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        log.exception("run failed: %s", message)  # the traceback goes to the run's log file
+        write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": overrides})
+        raise

@@ -53,6 +53,8 @@ def test_run_label_says_what_differs():
         ("data.balance=maybe", "data.balance"),
         ("data.val_fraction=0.9", "data.val_fraction"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("verdicts.window=0", "verdicts.window"),
+        ("divergence.max_train_loss=-1", "divergence.max_train_loss"),
     ],
 )
 def test_bad_config_values_name_their_key(override, key):
