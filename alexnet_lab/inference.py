@@ -39,12 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from alexnet_lab.data.augment import to_float
 from alexnet_lab.data.preprocess import IMAGE_EXTENSIONS, PREPROCESS_VERSION, DataError, build_cache, load_image
 from alexnet_lab.module import AlexNetClassifier, confusion_summary
-from alexnet_lab.train import ConfigError, build_datamodule, write_json
+from alexnet_lab.train import ConfigError, build_datamodule, check_all_set, write_json
 
 __all__ = [
     "CheckpointError",
@@ -749,11 +748,7 @@ def split_path_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _check_options(cfg: DictConfig) -> None:
     """Unset required keys and bad numbers as one ConfigError line naming the key."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{key} is not set: pass {key}=... on the command line") from None
+    check_all_set(cfg)
     size = cfg.get("batch_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"batch_size={size!r}: must be an integer >= 1")

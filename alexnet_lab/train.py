@@ -63,13 +63,18 @@ def run_label(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("run_label", run_label, replace=True)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Reject values that cannot work before any data is touched; raises :class:`ConfigError`."""
+def check_all_set(cfg: DictConfig) -> None:
+    """A required key left unset (``???``) or an interpolation that fails, as one ConfigError line."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"{key} is not set: pass {key}=... on the command line ({type(err).__name__})") from None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject values that cannot work before any data is touched; raises :class:`ConfigError`."""
+    check_all_set(cfg)
     for key, least in _INT_KEYS.items():
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
