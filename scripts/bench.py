@@ -1,0 +1,646 @@
+"""What the lab costs on top of the model: Lightning against a bare PyTorch loop, and the free wins.
+
+    python scripts/bench.py                  # the table (about 2.5 minutes on 2 CPU cores)
+    python scripts/bench.py --json           # one JSON object on stdout (the table goes to stderr)
+    python scripts/bench.py --quick          # a smoke run, under a minute; its ratios are rough
+    python scripts/bench.py trainer.enable_progress_bar=false   # extra overrides for every run
+
+All on the embedded data set at 256 px (generated into data/ on first use, like `python
+train.py`), in one process, measurements interleaved (A B, B A, ...) because these machines
+are noisy; ratios are of medians.
+
+- ``lightning_vs_bare`` (``_aug``: with ``data.augment=true``): images/s of real training
+  epochs, ``alexnet_lab.train.train`` as ``python train.py`` runs it (our datamodule, module,
+  logging, checkpoints, progress bar, validation after each epoch), over images/s of a bare
+  loop doing the same work (same batches gathered the same way, to_float, the same
+  augmentation call, forward/backward/step of the same net and optimizer, the same validation
+  pass; no metrics, hooks or checkpoints), per ``model.downscale``. An epoch runs from one
+  epoch's start to the next's; each run's first epoch is a warm-up and not counted.
+- ``pipeline_overhead``: the fraction of a Lightning epoch spent outside the train and
+  validation steps' forward/backward/step (sampling, batching, augmentation, hooks, metrics,
+  logging, checkpoints); ``pipeline_overhead_bare``: the same for the bare loop (its data work).
+- ``channels_last_speedup``, ``bf16_speedup``: training steps per second (forward, backward,
+  step on a fixed batch) with channels-last against channels-first, and with bf16 autocast
+  (what ``trainer.precision=bf16-mixed`` does) against float32, both channels-last; on a GPU
+  also ``cudnn_benchmark_speedup`` (``trainer.benchmark=true``), and with ``--compile``
+  ``compile_speedup`` (torch.compile; on a GPU also mode reduce-overhead, i.e. CUDA graphs).
+- ``preprocess_vs_naive``: ``build_cache`` against the notebook's one-image-at-a-time loop
+  on the same raw files (functions of scripts/bench_preprocess.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess lives next to this file
+
+from alexnet_lab.data.augment import to_float  # noqa: E402
+from alexnet_lab.data.datamodule import (  # noqa: E402
+    ImageFolderDataModule,
+    augment_in_chunks,
+    epoch_order,
+    epoch_seed,
+    upload_split,
+)
+from alexnet_lab.data.preprocess import build_cache, scan_folder  # noqa: E402
+from alexnet_lab.module import AlexNetClassifier, keep_freed_host_memory  # noqa: E402
+from alexnet_lab.train import build_datamodule, train  # noqa: E402
+
+DOWNSCALES = (16, 8, 4)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- clocks
+
+
+class StepClock:
+    """Summed time inside steps: wall clock on the CPU, CUDA events on a GPU (no sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self._pairs: list[tuple[Any, Any]] = []
+        self._started: Any = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pairs.append((self._started, end))
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def total(self) -> float:
+        """Seconds in steps so far (on a GPU: waits for the device, once)."""
+        if self._pairs:
+            torch.cuda.synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self._pairs) / 1000
+            self._pairs.clear()
+        return self.seconds
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def wall(device: torch.device) -> float:
+    """time.perf_counter() after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass
+class Epoch:
+    seconds: float  # wall clock, one epoch's start to the next's (training and validation)
+    step_seconds: float  # of which inside the train and validation steps' forward/backward/step
+    images: int  # training images seen
+    page_faults: int  # minor page faults of this process in the epoch (memory mapped afresh from the OS)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+class EpochClock(pl.Callback):
+    """Times every training epoch of a fit, and the steps inside it (listed before Lightning's own callbacks)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.epochs: list[Epoch] = []
+        self._epoch_start: float | None = None
+        self._steps = StepClock(device)
+        self._images = 0
+        self._faults = 0
+
+    def _close(self) -> None:
+        now, faults = wall(self.device), page_faults()
+        if self._epoch_start is not None:
+            seconds = now - self._epoch_start
+            self.epochs.append(Epoch(seconds, self._steps.total(), self._images, faults - self._faults))
+        self._epoch_start, self._steps, self._images, self._faults = now, StepClock(self.device), 0, faults
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    # batch hooks run after the batch reached the device and was augmented, before the progress bar
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, index: int) -> None:
+        self._steps.start()
+        self._images += len(batch[1])
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._steps.stop()
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._steps.start()
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._steps.stop()
+
+
+# ----------------------------------------------------------------------------- the two contenders
+
+
+def plain(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=["run_name=bench", *overrides])
+
+
+def lightning_epochs(cfg: Any, work: Path, device: torch.device) -> tuple[list[Epoch], float]:
+    """Train with ``alexnet_lab.train.train`` exactly as ``python train.py`` does, timing each epoch.
+
+    Returns the epochs after the first, and the run's seconds outside its epochs (setup,
+    test, final logging).
+    """
+    clock = EpochClock(device)
+    original = pl.Trainer
+
+    class TimedTrainer(original):  # the one change: our clock among the callbacks
+        def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, callbacks=[clock, *(callbacks or [])], **kwargs)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    started = time.perf_counter()
+    quiet = io.StringIO()  # progress bars and Lightning's banners stay out of the table and the JSON
+    with mock.patch.object(pl, "Trainer", TimedTrainer), contextlib.redirect_stdout(quiet):
+        with contextlib.redirect_stderr(quiet):
+            metrics = train(cfg, run_dir)
+    total = time.perf_counter() - started
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if metrics.get("status") != "ok" or len(clock.epochs) != cfg.trainer.max_epochs:
+        raise SystemExit(f"bench: the Lightning run failed ({metrics.get('status')}):\n{quiet.getvalue()[-3000:]}")
+    return clock.epochs[1:], total - sum(epoch.seconds for epoch in clock.epochs)
+
+
+@dataclass
+class BareLoop:
+    """The same work as a training epoch of ours, as a plain loop: no Lightning, metrics, hooks or checkpoints."""
+
+    dm: ImageFolderDataModule
+    cfg: Any
+    device: torch.device
+    net: torch.nn.Module = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        # the module only supplies the same net (channels-last) and optimizer; its steps are not used
+        module = AlexNetClassifier(plain(self.cfg.model), plain(self.cfg.optim), self.dm.classes, self.dm.in_channels)
+        self.net = module.net.to(self.device)
+        self.optimizer = module.configure_optimizers()
+        precision = str(self.cfg.trainer.precision)
+        if precision not in ("32-true", "32", "bf16-mixed"):
+            raise SystemExit(f"bench: trainer.precision={precision}: the bare loop knows 32-true and bf16-mixed only")
+        self.autocast = precision == "bf16-mixed"
+        # on a GPU the data set lives there, as with data.on_device=auto
+        self.resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.device.type == "cuda":
+            for name, indices in (("train", self.dm.train_idx), ("val", self.dm.val_idx)):
+                self.resident[name] = upload_split(self.dm.cache, indices, self.device)
+
+    def _batches(self, split: str, order: np.ndarray, batch_size: int):
+        cache, indices = self.dm.cache, self.dm.train_idx if split == "train" else self.dm.val_idx
+        if split in self.resident:
+            images, labels = self.resident[split]
+            positions = np.empty(len(cache), dtype=np.int64)
+            positions[indices] = np.arange(len(indices))
+            rows = torch.from_numpy(positions[order]).to(self.device, non_blocking=True)
+            for start in range(0, len(order), batch_size):
+                yield images[rows[start : start + batch_size]], labels[rows[start : start + batch_size]]
+            return
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield torch.from_numpy(cache.images[idx]), torch.from_numpy(cache.labels[idx])
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.net(images.contiguous(memory_format=torch.channels_last))
+
+    def epoch(self, epoch: int) -> Epoch:
+        dm, cache = self.dm, self.dm.cache
+        steps = StepClock(self.device)
+        started, faults = wall(self.device), page_faults()
+        order = epoch_order(dm.train_idx, cache.labels, epoch=epoch, seed=dm.seed, balance=dm.balance)
+        generator = torch.Generator(device=self.device).manual_seed(epoch_seed(dm.seed, epoch))
+        self.net.train()
+        for images, labels in self._batches("train", order, dm.batch_size):
+            images, labels = to_float(images.to(self.device)), labels.to(self.device)
+            if dm.augment:
+                images = augment_in_chunks(images, dm.augment_config, generator)  # as the datamodule does
+            steps.start()
+            loss = F.cross_entropy(self._forward(images), labels)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            steps.stop()
+        self.net.eval()
+        with torch.no_grad():
+            for images, labels in self._batches("val", dm.val_idx, dm.eval_batch_size_on(self.device)):
+                images, labels = to_float(images.to(self.device)), labels.to(self.device)
+                steps.start()
+                F.cross_entropy(self._forward(images), labels)
+                steps.stop()
+        seconds = wall(self.device) - started
+        return Epoch(seconds, steps.total(), len(order), page_faults() - faults)
+
+
+def compare(cfg: Any, dm: ImageFolderDataModule, work: Path, device: torch.device, rounds: int) -> dict[str, Any]:
+    """Lightning and bare epochs of one config, interleaved; medians and their ratio."""
+    light: list[Epoch] = []
+    bare: list[Epoch] = []
+    run_overhead: list[float] = []
+    epochs = int(cfg.trainer.max_epochs)
+    others_before, started = cpu_seconds_of_others(), time.perf_counter()
+    for round_ in range(rounds):
+        for side in ("lightning", "bare") if round_ % 2 == 0 else ("bare", "lightning"):
+            if side == "lightning":
+                measured, overhead = lightning_epochs(cfg, work, device)
+                light += measured
+                run_overhead.append(overhead)
+            else:
+                if cfg.seed is not None:
+                    pl.seed_everything(cfg.seed, verbose=False)
+                loop = BareLoop(dm, cfg, device)
+                bare += [loop.epoch(e) for e in range(epochs)][1:]  # the first is a warm-up, as above
+    light_rate = statistics.median(e.rate for e in light)
+    bare_rate = statistics.median(e.rate for e in bare)
+    return {
+        "ratio": light_rate / bare_rate,
+        "lightning_images_per_s": light_rate,
+        "bare_images_per_s": bare_rate,
+        "overhead": statistics.median(1 - e.step_seconds / e.seconds for e in light),
+        "overhead_bare": statistics.median(1 - e.step_seconds / e.seconds for e in bare),
+        "run_overhead_s": statistics.median(run_overhead),
+        "epoch_s": {"lightning": [e.seconds for e in light], "bare": [e.seconds for e in bare]},
+        "page_faults": {"lightning": [e.page_faults for e in light], "bare": [e.page_faults for e in bare]},
+        "others_cores": (cpu_seconds_of_others() - others_before) / (time.perf_counter() - started),
+    }
+
+
+# ----------------------------------------------------------------------------- free wins
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the training step."""
+
+    memory_format: torch.memory_format = torch.channels_last
+    bf16: bool = False  # autocast to bfloat16, as trainer.precision=bf16-mixed does
+    compile_mode: str | None = None  # torch.compile's mode; None: eager
+    cudnn_benchmark: bool = False  # cuDNN picks its fastest kernels per shape (trainer.benchmark=true)
+
+
+def step_seconds(
+    dm: ImageFolderDataModule,
+    cfg: Any,
+    device: torch.device,
+    downscale: int,
+    variants: dict[str, Variant],
+    steps: int,
+    rounds: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per training step (forward, backward, step on one fixed batch) of each variant, interleaved.
+
+    Also returns each variant's first round (a warm-up that is not counted: compilation, kernel choice).
+    """
+    idx = dm.train_idx[: dm.batch_size]
+    images = to_float(torch.from_numpy(dm.cache.images[idx]).to(device))  # (B, C, S, S) in [0, 1]
+    labels = torch.from_numpy(dm.cache.labels[idx]).to(device)
+    nets = {}
+    for name, variant in variants.items():
+        torch.manual_seed(0)
+        model = {**plain(cfg.model), "downscale": downscale}
+        module = AlexNetClassifier(model, plain(cfg.optim), dm.classes, dm.in_channels)
+        net = module.net.to(device, memory_format=variant.memory_format)
+        optimizer = module.configure_optimizers()
+        nets[name] = (torch.compile(net, mode=variant.compile_mode) if variant.compile_mode else net, optimizer)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    first: dict[str, float] = {}
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms up
+            for name, variant in variants.items():
+                net, optimizer = nets[name]
+                torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+                x = images.contiguous(memory_format=variant.memory_format)
+                started = wall(device)
+                for _ in range(steps):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
+                        loss = F.cross_entropy(net(x), labels)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                elapsed = (wall(device) - started) / steps
+                if round_:
+                    seconds[name].append(elapsed)
+                else:
+                    first[name] = elapsed * steps
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    return {name: statistics.median(values) for name, values in seconds.items()}, first
+
+
+def free_wins(
+    dm: ImageFolderDataModule, cfg: Any, device: torch.device, downscale: int, quick: bool, compile_: bool
+) -> dict[str, Any]:
+    """Training-step speed-ups: channels-last, bf16 autocast, (GPU) cuDNN benchmark, (--compile) torch.compile."""
+    variants = {"channels_first": Variant(memory_format=torch.contiguous_format), "channels_last": Variant(),
+                "bf16": Variant(bf16=True)}
+    if device.type == "cuda":
+        variants["cudnn_benchmark"] = Variant(cudnn_benchmark=True)
+    if compile_:
+        for mode in ("default", "reduce-overhead") if device.type == "cuda" else ("default",):
+            variants[f"compile_{mode}"] = Variant(compile_mode=mode)  # reduce-overhead: CUDA graphs
+    steps = 2 if quick else (20 if device.type == "cuda" else 4)
+    median, first = step_seconds(dm, cfg, device, downscale, variants, steps=steps, rounds=1 if quick else 3)
+    base = median["channels_last"]  # our default
+    found: dict[str, Any] = {
+        "channels_last_speedup": median["channels_first"] / base,
+        "bf16_speedup": base / median["bf16"],
+        "step_ms": {name: 1000 * value for name, value in median.items()},
+    }
+    if "cudnn_benchmark" in median:
+        found["cudnn_benchmark_speedup"] = base / median["cudnn_benchmark"]
+    compiled = [name for name in median if name.startswith("compile_")]
+    if compiled:
+        found["compile_speedup"] = {name.removeprefix("compile_"): base / median[name] for name in compiled}
+        found["compile_first_round_s"] = {name.removeprefix("compile_"): first[name] for name in compiled}
+    return found
+
+
+def preprocess_speed(raw: Path, work: Path, size: int, files: int | None) -> dict[str, Any]:
+    """Our preprocessing against the naive loop of scripts/bench_preprocess.py, on the same files."""
+    try:
+        from bench_preprocess import CPUS, naive_loop, timed
+    except ImportError as err:
+        return {"ratio": None, "note": f"scripts/bench_preprocess.py not importable: {err}"}
+    if files is not None:  # every n-th file (both classes), copied into a raw folder of its own
+        subset = work / "raw-subset"
+        samples = scan_folder(raw).samples
+        for raw_file, _ in samples[:: max(1, len(samples) // files)][:files]:
+            target = subset / raw_file.path.relative_to(raw)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(raw_file.path, target)
+        raw = subset
+    paths = [raw_file.path for raw_file, _ in scan_folder(raw).samples]
+    for path in paths:
+        path.read_bytes()  # a warm page cache for both
+    _, naive_s, _ = timed(naive_loop, paths, size)
+    _, ours_s, _ = timed(build_cache, raw, work / "cache-bench", image_size=size, workers=CPUS, progress=False)
+    return {"ratio": naive_s / ours_s, "files": len(paths), "naive_files_per_s": len(paths) / naive_s,
+            "ours_files_per_s": len(paths) / ours_s, "workers": CPUS}
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def cpu_seconds_of_others() -> float:
+    """CPU seconds used so far by every other process (from /proc; 0 where there is none)."""
+    total, me, ticks = 0, os.getpid(), os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for entry in Path("/proc").glob("[0-9]*"):
+        if int(entry.name) == me:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / ticks
+
+
+def others_busy(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU that other processes used over the next ``seconds``."""
+    before = cpu_seconds_of_others()
+    time.sleep(seconds)
+    return (cpu_seconds_of_others() - before) / seconds
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.2) -> float:
+    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` cores; returns the last reading."""
+    deadline = time.perf_counter() + max_wait_s
+    busy = others_busy()
+    while busy >= threshold and time.perf_counter() < deadline:
+        log(f"  waiting: other processes use {busy:.1f} cores")
+        time.sleep(4.0)
+        busy = others_busy()
+    return busy
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); None where unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def rounded(value: Any, digits: int = 3) -> Any:
+    if isinstance(value, float):
+        return round(value, digits) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table on stderr)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute: few batches, rough ratios")
+    parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
+    parser.add_argument("--downscales", type=int, nargs="+", default=list(DOWNSCALES), help="model.downscale values")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure torch.compile (and CUDA graphs on a GPU) on the training step")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                        help="before each measurement, wait up to S s for other processes to go quiet")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (as for train.py)")
+    return parser.parse_args()
+
+
+def lightning_vs_bare(
+    args: argparse.Namespace, base: list[str], dm: ImageFolderDataModule, device: torch.device, work: Path
+) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """Every downscale, augmentation off and on: the JSON keys, and rows for the table."""
+    result: dict[str, Any] = {}
+    rows = []
+    for augment in (False, True):
+        suffix = "_aug" if augment else ""
+        for downscale in args.downscales:
+            log(f"lightning vs bare: downscale {downscale}, augment {augment} ...")
+            switches = [f"model.downscale={downscale}", f"data.augment={str(augment).lower()}"]
+            cfg = compose([*base, *args.overrides, *switches])
+            dm.augment = augment
+            if args.wait_quiet:
+                wait_for_quiet(args.wait_quiet)
+            found = compare(cfg, dm, work, device, rounds=1 if args.quick else 2)
+            name = f"d{downscale}"
+            values = {
+                "lightning_vs_bare": found["ratio"],
+                "pipeline_overhead": found["overhead"],
+                "pipeline_overhead_bare": found["overhead_bare"],
+                "images_per_s": {"lightning": found["lightning_images_per_s"], "bare": found["bare_images_per_s"]},
+                "run_overhead_s": found["run_overhead_s"],
+            }
+            for key, value in values.items():
+                result.setdefault(f"{key}{suffix}", {})[name] = value
+            result.setdefault("epoch_s", {})[f"{name}{suffix}"] = found["epoch_s"]
+            result.setdefault("page_faults_per_epoch", {})[f"{name}{suffix}"] = found["page_faults"]
+            result.setdefault("other_processes_cores", {})[f"{name}{suffix}"] = found["others_cores"]
+            rows.append((f"{name}{' aug' if augment else ''}", found))
+    dm.augment = False
+    return result, rows
+
+
+def table(result: dict[str, Any], rows: list[tuple[str, dict[str, Any]]]) -> str:
+    data, quick = result["data"], " | QUICK (rough)" if result["quick"] else ""
+    lines = [
+        f"{result['device']} | torch {result['torch']} | lightning {result['lightning']} | {data['train_images']} "
+        f"train images, {data['image_size']} px, batch {data['batch_size']}{quick}",
+        f"{'run':<9} {'lightning img/s':>15} {'bare img/s':>11} {'ratio':>6} {'overhead':>9} {'bare overhead':>14}"
+        f" {'run setup s':>12} {'others cores':>13}",
+    ]
+    for name, found in rows:
+        lines.append(
+            f"{name:<9} {found['lightning_images_per_s']:>15.1f} {found['bare_images_per_s']:>11.1f}"
+            f" {found['ratio']:>6.3f} {found['overhead']:>9.1%} {found['overhead_bare']:>14.1%}"
+            f" {found['run_overhead_s']:>12.1f} {found['others_cores']:>13.2f}"
+        )
+    for key in ("channels_last_speedup", "bf16_speedup", "cudnn_benchmark_speedup"):
+        if key in result:
+            lines.append(f"{key:<24} " + "  ".join(f"{name} x{value:.2f}" for name, value in result[key].items()))
+    for name, modes in result.get("compile_speedup", {}).items():
+        lines.append(f"{'compile_speedup':<24} {name} " + "  ".join(f"{mode} x{x:.2f}" for mode, x in modes.items()))
+    ratio = result["preprocess_vs_naive"]
+    shown = f"x{ratio:.2f}" if ratio is not None else f"n/a: {result['preprocess'].get('note', '')}"
+    lines.append(f"{'preprocess_vs_naive':<24} {shown}")
+    lines.append(f"other processes used {result['other_processes_cores']['whole_run']:.2f} cores on average; "
+                 f"{result['seconds']:.0f} s in all")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    started, others_started = time.perf_counter(), cpu_seconds_of_others()
+    for name in ("pytorch_lightning", "lightning.pytorch"):  # its banners would fill the table
+        logging.getLogger(name).setLevel(logging.WARNING)
+    keep_freed_host_memory()  # process-wide, as every run's module sets it up: the bare loop gets it too
+
+    # the real default data set, where `python train.py` keeps it (git-ignored data/)
+    base = [f"data.raw_dir={ROOT / 'data/synthetic/raw'}", f"data.cache_dir={ROOT / 'data/cache'}",
+            "data.progress=false", "trainer.max_epochs=3"]
+    if args.quick:  # a few batches per epoch: the same code paths, rough numbers
+        base += ["+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]
+    cfg = compose([*base, *args.overrides])
+    log("data: preparing the embedded data set (generated and preprocessed on first use) ...")
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.quick:  # the bare loop sees as many batches as Lightning's limits let through
+        dm.train_idx = dm.train_idx[: 6 * dm.batch_size]
+        dm.val_idx = dm.val_idx[: dm.eval_batch_size_on(device)]
+
+    result: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "data": {"train_images": len(dm.train_idx), "val_images": len(dm.val_idx), "image_size": dm.image_size,
+                 "batch_size": dm.batch_size, "precision": str(cfg.trainer.precision)},
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        found, rows = lightning_vs_bare(args, base, dm, device, work)
+        result.update(found)
+        for downscale in args.downscales:
+            log(f"free wins of the training step: downscale {downscale} ...")
+            if args.wait_quiet:
+                wait_for_quiet(args.wait_quiet)
+            for key, value in free_wins(dm, cfg, device, downscale, args.quick, args.compile).items():
+                result.setdefault(key, {})[f"d{downscale}"] = value
+        result["cpu_bf16"] = cpu_has_bf16() if device.type == "cpu" else None
+        log("preprocessing vs the naive loop ...")
+        preprocess = preprocess_speed(Path(cfg.data.raw_dir), work, dm.image_size, files=200 if args.quick else None)
+        result["preprocess_vs_naive"] = preprocess.pop("ratio")
+        result["preprocess"] = preprocess
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not args.compile:
+        result["notes"] = ["torch.compile not measured (--compile measures it; PITFALLS.md: slower on CPU here)"]
+    result["seconds"] = time.perf_counter() - started
+    # cores' worth of CPU that other processes used while the bench ran: above ~0.2 its ratios are noisy
+    others = (cpu_seconds_of_others() - others_started) / result["seconds"]
+    result.setdefault("other_processes_cores", {})["whole_run"] = others
+    result = rounded(result)
+
+    print(table(result, rows), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
