@@ -79,6 +79,9 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{key}={value!r}: must be an integer >= {least}")
+    on_device = OmegaConf.select(cfg, "data.on_device", default="auto")
+    if on_device not in ("auto", True, False):
+        raise ConfigError(f"data.on_device={on_device!r}: must be auto, true or false")
     for key in ("data.balance", "data.augment", "data.grayscale"):
         if not isinstance(OmegaConf.select(cfg, key), bool):
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: must be true or false")
@@ -133,6 +136,7 @@ def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
         progress=data["progress"],
         synthetic=data.get("synthetic"),
         discard=data.get("discard"),
+        on_device=data.get("on_device", "auto"),
     )
 
 

@@ -54,6 +54,7 @@ def test_run_label_says_what_differs():
         ("data.val_fraction=0.9", "data.val_fraction"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
         ("verdicts.window=0", "verdicts.window"),
+        ("data.on_device=gpu", "data.on_device"),
         ("divergence.max_train_loss=-1", "divergence.max_train_loss"),
     ],
 )
