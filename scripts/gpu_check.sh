@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, in one go, for whoever has a CUDA machine at hand:
 # the GPU tests, the benchmark, and a timed replay of the whole ablation (9 runs) one job at
-# a time and three jobs sharing the GPU. About 5 minutes; every figure goes into one file.
+# a time, then (time allowing) three jobs sharing the GPU and torch.compile / CUDA graphs.
+# Ends within BUDGET_S seconds (290: 5 minutes; 540 leaves room for the optional steps);
+# every figure goes into one file.
 #
 #   scripts/gpu_check.sh [OUT_DIR]       # on the GPU machine, from anywhere; OUT_DIR: outputs/gpu_check/<time>
 #   scripts/gpu_check.sh --pack [DIR]    # on a machine with the project's venv: copy the pure-Python
@@ -113,6 +115,14 @@ else
     echo "=== replay_3_jobs skipped (${left}s left, or no joblib launcher)" | tee -a "$LOG"
 fi
 
+# 5. with time left: torch.compile and CUDA graphs (mode reduce-overhead) on the training step at downscale 16
+left=$(( DEADLINE - $(date +%s) ))
+if [ "$left" -ge 90 ]; then
+    step compile "$left" "$PYTHON" scripts/bench.py --quick --compile --downscales 16 --json --out "$OUT_DIR/bench_compile.json"
+else
+    echo "=== compile skipped (${left}s left; BUDGET_S=540 leaves room for it)" | tee -a "$LOG"
+fi
+
 # the summary: every figure in one JSON file
 steps_json=$(for name in "${!STEP_STATUS[@]}"; do printf '"%s": {"status": "%s", "ms": %s}, ' "$name" "${STEP_STATUS[$name]}" "${STEP_MS[$name]}"; done)
 "$PYTHON" - "$OUT_DIR" "$RUNS" "{${steps_json%, }}" <<'EOF' 2>&1 | tee -a "$LOG"
@@ -123,6 +133,10 @@ out, runs, steps = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 summary = {"steps": steps}
 bench = out / "bench.json"
 summary["bench"] = json.loads(bench.read_text()) if bench.exists() else None
+compiled = out / "bench_compile.json"
+if compiled.exists():
+    found = json.loads(compiled.read_text())
+    summary["compile"] = {key: found.get(key) for key in ("compile_speedup", "compile_first_round_s", "step_ms")}
 for name in ("replay", "replay_3_jobs"):
     paths = sorted((runs / name).glob("*/metrics.json"))
     found = [json.loads(path.read_text()) for path in paths]
