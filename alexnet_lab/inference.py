@@ -42,7 +42,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from alexnet_lab.data.augment import to_float
 from alexnet_lab.data.preprocess import IMAGE_EXTENSIONS, PREPROCESS_VERSION, DataError, build_cache, load_image
-from alexnet_lab.module import AlexNetClassifier, confusion_summary
+from alexnet_lab.metrics import confusion_summary
+from alexnet_lab.module import AlexNetClassifier
 from alexnet_lab.train import ConfigError, build_datamodule, check_all_set, write_json
 
 __all__ = [

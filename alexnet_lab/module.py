@@ -36,6 +36,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from alexnet_lab.metrics import confusion_summary
 from alexnet_lab.model import AlexNet, AlexNetConfig, count_parameters
 
 STAGES = ("train", "val", "test")
@@ -69,24 +70,6 @@ def keep_freed_host_memory(trim_threshold_bytes: int = 256 * 2**20) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, trim_threshold_bytes))
-
-
-def confusion_summary(confusion: torch.Tensor, classes: list[str]) -> dict[str, torch.Tensor]:
-    """Metrics from a confusion matrix (rows: true class, columns: predicted), as 0-d tensors."""
-    confusion = confusion.float()
-    total = confusion.sum().clamp(min=1)
-    true_counts = confusion.sum(dim=1)
-    recall = confusion.diag() / true_counts.clamp(min=1)
-    present = true_counts > 0  # a class absent from the split has no recall
-    out = {
-        "acc": confusion.diag().sum() / total,
-        "balanced_acc": recall[present].mean() if bool(present.any()) else recall.new_tensor(float("nan")),
-    }
-    pred_frac = confusion.sum(dim=0) / total
-    for i, name in enumerate(classes):
-        out[f"recall/{name}"] = recall[i]
-        out[f"pred_frac/{name}"] = pred_frac[i]
-    return out
 
 
 class ConfusionCounts(MulticlassConfusionMatrix):

@@ -20,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from alexnet_lab.data.datamodule import epoch_seed
+from alexnet_lab.data.sampling import epoch_seed
 
 #: metrics.json statuses of a run that is over and must not be run again by ``resume=true``
 FINISHED = ("ok", "diverged")

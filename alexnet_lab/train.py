@@ -30,7 +30,7 @@ from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.data.preprocess import DataError
 from alexnet_lab.model import AlexNetConfig
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
-from alexnet_lab.report import VerdictThresholds, verdicts
+from alexnet_lab.verdicts import VerdictThresholds, verdicts
 from alexnet_lab.run_state import RunState, finished_metrics, history_from_checkpoint
 
 log = logging.getLogger(__name__)

@@ -61,10 +61,9 @@ from alexnet_lab.data.augment import to_float  # noqa: E402
 from alexnet_lab.data.datamodule import (  # noqa: E402
     ImageFolderDataModule,
     augment_in_chunks,
-    epoch_order,
-    epoch_seed,
     upload_split,
 )
+from alexnet_lab.data.sampling import epoch_order, epoch_seed  # noqa: E402
 from alexnet_lab.data.preprocess import build_cache, scan_folder  # noqa: E402
 from alexnet_lab.module import AlexNetClassifier, keep_freed_host_memory  # noqa: E402
 from alexnet_lab.train import build_datamodule, train  # noqa: E402

@@ -8,7 +8,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from alexnet_lab.report import VERDICTS, flatten
+from alexnet_lab.report import flatten
+from alexnet_lab.verdicts import VERDICTS
 from conftest import CONF_DIR, compose_config, run_train, tiny_overrides
 
 #: (experiment, what that notebook step changed); each step keeps every earlier change.

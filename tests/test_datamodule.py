@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet_lab.data.datamodule import EpochBatchSampler, ImageFolderDataModule, epoch_order, stratified_split
+from alexnet_lab.data.datamodule import ImageFolderDataModule
+from alexnet_lab.data.sampling import EpochBatchSampler, epoch_order, stratified_split
 
 # the notebook's imbalance: 1127 cats, 791 dogs
 LABELS = np.array([0] * 1127 + [1] * 791)

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet_lab.data.datamodule import ImageFolderDataModule, epoch_order, epoch_seed
-from alexnet_lab.module import confusion_summary
-from alexnet_lab.report import Run, experiment_rows, group_runs, load_runs, run_rows, verdicts
+from alexnet_lab.data.datamodule import ImageFolderDataModule
+from alexnet_lab.data.sampling import epoch_order, epoch_seed
+from alexnet_lab.metrics import confusion_summary
+from alexnet_lab.report import Run, experiment_rows, group_runs, load_runs, run_rows
 from alexnet_lab.run_state import RunState, finished_metrics
+from alexnet_lab.verdicts import verdicts
 from alexnet_lab.train import train
 from conftest import compose_config, tiny_overrides
 from test_report import make_run, with_changes
@@ -61,6 +63,12 @@ def test_a_collapsed_model_scores_its_majority_share_and_balanced_chance():
 def test_no_images_gives_zero_accuracy_and_no_balanced_accuracy():
     got = summary([[0, 0], [0, 0]], ["cat", "dog"])
     assert got["acc"] == 0.0 and math.isnan(got["balanced_acc"])
+    assert got["pred_frac/cat"] == 0.0 and got["recall/dog"] == 0.0
+
+
+def test_one_image_is_all_or_nothing():
+    assert summary([[1, 0], [0, 0]], ["cat", "dog"])["acc"] == 1.0
+    assert summary([[0, 0], [1, 0]], ["cat", "dog"])["pred_frac/cat"] == 1.0
 
 
 # --------------------------------------------------------------------------- verdicts at their thresholds

@@ -20,8 +20,6 @@ from omegaconf import OmegaConf
 
 from alexnet_lab.callbacks import SweepReport
 from alexnet_lab.report import (
-    VERDICTS,
-    VerdictThresholds,
     config_diff,
     experiment_rows,
     group_runs,
@@ -30,9 +28,9 @@ from alexnet_lab.report import (
     plot_training_stats,
     split_label,
     strip_common,
-    verdicts,
     write_report,
 )
+from alexnet_lab.verdicts import VERDICTS, VerdictThresholds, verdicts
 from conftest import ROOT, compose_config, run_train, tiny_overrides
 
 # --------------------------------------------------------------------------- crafted histories

@@ -1,0 +1,128 @@
+"""Verdicts on a run's outcome from its per-epoch history: collapsed, chance, overfit, diverged.
+
+Training writes them into metrics.json; the sweep report shows them (recomputed with each
+run's own thresholds). Pure numpy: cheap to import.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+VERDICTS = ("collapsed", "chance", "overfit", "diverged")
+
+
+@dataclass(frozen=True)
+class VerdictThresholds:
+    """Thresholds of :func:`verdicts`. conf/config.yaml's ``verdicts`` block holds the same defaults, documented."""
+
+    window: int = 5  # epochs at the end of the run that end-of-run values average over
+    collapsed_pred_frac: float = 0.95  # one class's share of val predictions
+    chance_margin: float = 0.05  # above 1/classes, in balanced accuracy
+    overfit_gap: float = 0.15  # train accuracy minus val accuracy
+    overfit_val_loss_rise: float = 0.25  # val loss rise (and train loss fall) after the val minimum, as a fraction
+    diverged_factor: float = 10.0  # times the first epoch's loss
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | VerdictThresholds | None) -> VerdictThresholds:
+        """Thresholds from a config block (a ``DictConfig`` works); unset keys keep their defaults."""
+        if values is None:
+            return cls()
+        if isinstance(values, cls):
+            return values
+        known = {f.name for f in fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"verdicts.{key}: unknown threshold; use one of {', '.join(sorted(known))}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"verdicts.{key}={value!r}: must be a number >= 0")
+        if "window" in values and (not isinstance(values["window"], int) or values["window"] < 1):
+            raise ValueError(f"verdicts.window={values['window']!r}: must be an integer >= 1 (epochs)")
+        return cls(**{key: values[key] for key in values})
+
+
+def describe_verdicts(thresholds: VerdictThresholds | None = None) -> dict[str, str]:
+    """One line per verdict saying when it is given, with the thresholds filled in."""
+    t = thresholds or VerdictThresholds()
+    end = f"over the last {t.window} epochs"
+    return {
+        "collapsed": (
+            f"one class gets >= {t.collapsed_pred_frac:.0%} of val predictions {end} (the notebook's 'always cat')"
+        ),
+        "chance": f"val balanced accuracy <= 1/classes + {t.chance_margin:g} {end} (a coin toss)",
+        "overfit": (
+            f"train accuracy >= val accuracy + {t.overfit_gap:g} {end}, or val loss rises while train loss "
+            f"falls, each by a factor >= {1 + t.overfit_val_loss_rise:g} from the val loss minimum to the end "
+            f"({t.window}-epoch means)"
+        ),
+        "diverged": f"a loss is NaN or infinite, or ends (mean {end}) >= {t.diverged_factor:g} x its first-epoch value",
+    }
+
+
+def _column(history: Sequence[Mapping[str, float]], *keys: str) -> np.ndarray:
+    """(epochs, len(keys)) array of the rows that have every key; rows missing one are skipped."""
+    rows = [[float(row[key]) for key in keys] for row in history if all(key in row for key in keys)]
+    return np.array(rows, dtype=float).reshape(-1, len(keys))
+
+
+def _rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """(epochs - w + 1,) means of every ``w`` consecutive epochs, w = min(window, epochs); NaN spreads."""
+    width = max(1, min(window, len(values)))
+    return np.convolve(values, np.full(width, 1 / width), mode="valid")
+
+
+def _end_mean(values: np.ndarray, window: int) -> float:
+    """Mean of the finite values among the last ``window``; NaN if there are none."""
+    tail = values[-window:]
+    tail = tail[np.isfinite(tail)]
+    return float(tail.mean()) if tail.size else math.nan
+
+
+def verdicts(
+    history: Sequence[Mapping[str, float]], thresholds: Mapping[str, Any] | VerdictThresholds | None = None
+) -> list[str]:
+    """What went wrong in a run, from its per-epoch history (``metrics.json``'s ``history``).
+
+    Returns a sublist of :data:`VERDICTS`, in that order; ``[]`` for a healthy run or an
+    empty history. ``thresholds`` is conf/config.yaml's ``verdicts`` block or
+    :class:`VerdictThresholds`; see :func:`describe_verdicts` for each rule.
+    """
+    t = VerdictThresholds.from_mapping(thresholds)
+    if not history:
+        return []
+    found: set[str] = set()
+    classes = sorted(key.removeprefix("val/pred_frac/") for key in history[-1] if key.startswith("val/pred_frac/"))
+
+    if classes:
+        pred_frac = _column(history, *(f"val/pred_frac/{c}" for c in classes))  # (epochs, classes)
+        if pred_frac.size and _end_mean(pred_frac.max(axis=1), t.window) >= t.collapsed_pred_frac:
+            found.add("collapsed")
+        balanced = _column(history, "val/balanced_acc")[:, 0]
+        if _end_mean(balanced, t.window) <= 1 / len(classes) + t.chance_margin:
+            found.add("chance")
+
+    acc = _column(history, "train/acc", "val/acc")  # (epochs, 2)
+    if _end_mean(acc[:, 0] - acc[:, 1], t.window) >= t.overfit_gap:
+        found.add("overfit")
+    loss = _column(history, "train/loss", "val/loss")  # (epochs, 2)
+    if len(loss):
+        # window means, so that one lucky epoch of a noisy val loss is not taken for its minimum
+        train_loss, val_loss = _rolling_mean(loss[:, 0], t.window), _rolling_mean(loss[:, 1], t.window)
+        usable = np.isfinite(train_loss) & np.isfinite(val_loss)
+        if usable.any() and usable[-1]:
+            best = int(np.argmin(np.where(usable, val_loss, np.inf)))
+            rise = 1 + t.overfit_val_loss_rise
+            if val_loss[-1] >= rise * val_loss[best] and train_loss[-1] * rise <= train_loss[best]:
+                found.add("overfit")
+
+    for key in ("train/loss", "val/loss"):
+        values = _column(history, key)[:, 0]
+        if not np.isfinite(values).all():
+            found.add("diverged")
+        elif values.size and values[0] > 0 and _end_mean(values, t.window) >= t.diverged_factor * values[0]:
+            found.add("diverged")
+    return [name for name in VERDICTS if name in found]
