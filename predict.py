@@ -1,23 +1,11 @@
 """Predict the class of images: `python predict.py ckpt_path=outputs/runs/RUN photo.jpg photos/ [out=preds.csv]`.
 
-Arguments without `=` are image files or folders (so the shell's `photos/*.jpg` works);
-the rest are Hydra overrides of conf/predict.yaml. The work is alexnet_lab.inference.predict_main.
+Arguments without `=` are image files or folders (so the shell's `photos/*.jpg` works); the
+rest are Hydra overrides. The work is alexnet_lab.inference.predict_main. Options:
+PredictConfig in alexnet_lab/config.py.
 """
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-from alexnet_lab.inference import predict_main, split_path_arguments
-
-sys.argv[1:], _PATHS = split_path_arguments(sys.argv[1:])  # Hydra only accepts key=value arguments
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    predict_main(cfg, _PATHS)
-
+from alexnet_lab.cli import predict_command
 
 if __name__ == "__main__":
-    main()
+    predict_command()

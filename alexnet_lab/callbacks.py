@@ -1,20 +1,265 @@
-"""Hydra callbacks: the sweep report, written into the sweep dir when a multirun ends.
+"""Callbacks: what a run needs to survive a kill, what TensorBoard shows, and the sweep report.
 
-Registered in conf/config.yaml under ``hydra.callbacks``. A report that cannot be written
-is a warning in the log, never a failed sweep: the runs themselves are what matters.
+Lightning callbacks:
+
+- :class:`RunState`: the per-epoch history in every checkpoint, and random numbers that depend
+  only on (seed, epoch). Lightning's checkpoints hold weights, optimizer, loop progress and
+  callback states, but not our metrics history, and not the global RNG that dropout draws
+  from. Restoring the RNG is not enough either: Lightning creates the first epoch's data
+  iterator (which draws from the RNG) before a resumed run's states are restored. So the
+  history lives in this callback's state, and the global RNG is reseeded from (seed, epoch)
+  at the first batch of every epoch (the augmentations have their own generator, seeded the
+  same way in the datamodule). A run resumed from an end-of-epoch ``last.ckpt`` then
+  continues exactly as if it had never stopped (same seed, CPU).
+- :class:`TensorBoardInspection`: at fit start a custom-scalars layout that draws the
+  per-epoch prediction fractions, recalls, accuracies and losses as multi-line charts; at the
+  end of training and of testing the confusion matrix as an image and a grid of the most
+  confidently wrong images, with predicted and true class. The wrong images are kept on the
+  device as a running top-k (no host sync); training steps do no extra work. It does
+  nothing unless the run logs to TensorBoard.
+
+The Hydra callback :class:`SweepReport` writes report.md, report.csv, curves.png and
+report.html into the sweep dir when a multirun ends (registered in conf/config.yaml). A
+report that cannot be written is a warning in the log, never a failed sweep.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytorch_lightning as pl
+import torch
 from hydra.core.utils import JobReturn, JobStatus
+from matplotlib.figure import Figure
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from alexnet_lab.data.sampling import epoch_seed
 
 log = logging.getLogger(__name__)
+
+WRONG_GRID_SIZE = 16  # most confidently wrong images shown per stage in TensorBoard (a 4 x 4 grid)
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+class RunState(pl.Callback):
+    """Saves the module's ``history`` in checkpoints and restores it on resume; reseeds each epoch."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._module: pl.LightningModule | None = None
+        self._restored_history: list[dict[str, float]] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._module = pl_module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(getattr(self._module, "history", []))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_history = list(state_dict["history"])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored_history is not None:
+            pl_module.history = self._restored_history
+            self._restored_history = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # dropout's random numbers: a function of (seed, epoch) only
+            torch.manual_seed(epoch_seed(self.seed, trainer.current_epoch))
+
+
+def history_from_checkpoint(path: str | Path) -> list[dict[str, float]]:
+    """The history stored in a checkpoint by :class:`RunState` (empty if it has none)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("RunState"):
+            return list(state["history"])
+    return []
+
+
+
+
+# ----------------------------------------------------------------------------- TensorBoard pictures
+
+
+@dataclass(frozen=True)
+class WrongSamples:
+    """The most confidently wrong images seen so far, on the device, most confident first."""
+
+    images: torch.Tensor  # uint8 (k, C, S, S)
+    score: torch.Tensor  # float (k,): confidence of the prediction if wrong, -1 if the prediction was right
+    predicted: torch.Tensor  # int64 (k,)
+    true: torch.Tensor  # int64 (k,)
+
+
+def keep_most_confident_wrong(
+    kept: WrongSamples | None, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, k: int
+) -> WrongSamples:
+    """Merge a batch into the running top-k of wrong predictions ranked by confidence; all on the device.
+
+    images: float (B, C, S, S) in [0, 1]; logits: (B, num_classes); labels: (B,). Only the
+    batch's own top k are copied, so the work per batch is O(B + k) and never syncs the host.
+    Right predictions may fill the k slots while fewer than k are wrong; they score -1.
+    """
+    confidence, predicted = logits.detach().float().softmax(dim=1).max(dim=1)
+    score = torch.where(predicted != labels, confidence, torch.full_like(confidence, -1.0))
+    top = score.topk(min(k, score.numel())).indices
+    batch = WrongSamples(
+        images=(images[top].detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8),
+        score=score[top],
+        predicted=predicted[top],
+        true=labels[top],
+    )
+    if kept is None:
+        return batch
+    old = (kept.images, kept.score, kept.predicted, kept.true)
+    new = (batch.images, batch.score, batch.predicted, batch.true)
+    images, score, predicted, true = (torch.cat(pair) for pair in zip(old, new))  # 2k candidates
+    top = score.topk(min(k, score.numel())).indices
+    return WrongSamples(images[top], score[top], predicted[top], true[top])
+
+
+def confusion_image(confusion: np.ndarray, classes: list[str], title: str) -> Figure:
+    """The confusion matrix (rows: true, columns: predicted) as a heat map with counts."""
+    n = len(classes)
+    row_share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)  # colour = fraction of the true class
+    side = 2.0 + 0.6 * n
+    figure = Figure(figsize=(side + 1.0, side), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    shown = axes.imshow(row_share, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    for i in range(n):
+        for j in range(n):
+            axes.text(j, i, f"{int(confusion[i, j])}", ha="center", va="center",
+                      color="white" if row_share[i, j] > 0.5 else "black")
+    axes.set_xticks(range(n), classes, rotation=45 if n > 4 else 0)
+    axes.set_yticks(range(n), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    return figure
+
+
+def wrong_grid_image(wrong: WrongSamples, classes: list[str], title: str) -> Figure:
+    """A grid of the wrong images in ``wrong`` (right ones dropped), titled with predicted and true class."""
+    keep = (wrong.score >= 0).cpu().numpy()
+    images = wrong.images.cpu().numpy()[keep]  # (n, C, S, S) uint8
+    score, predicted, true = (part.cpu().numpy()[keep] for part in (wrong.score, wrong.predicted, wrong.true))
+    columns = 4
+    rows = max(1, -(-len(images) // columns))
+    figure = Figure(figsize=(2.4 * columns, 2.6 * rows + 0.4), dpi=100, layout="constrained")
+    figure.suptitle(title)
+    if len(images) == 0:
+        figure.text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
+    for i, pixels in enumerate(images):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        if pixels.shape[0] == 1:
+            axes.imshow(pixels[0], cmap="gray", vmin=0, vmax=255)
+        else:
+            axes.imshow(pixels.transpose(1, 2, 0))
+        axes.set_title(f"said {classes[predicted[i]]} (p={score[i]:.2f})\nis {classes[true[i]]}", fontsize=9)
+        axes.axis("off")
+    return figure
+
+
+class TensorBoardInspection(pl.Callback):
+    """Confusion matrices, most-confidently-wrong grids and multi-line charts in TensorBoard (see module doc)."""
+
+    def __init__(self, k: int = WRONG_GRID_SIZE) -> None:
+        self.k = k
+        self._wrong: dict[str, WrongSamples | None] = {}  # stage -> running top-k of this epoch
+        self._val_epoch = -1  # epoch of the last (non-sanity) validation, for the image titles
+
+    @staticmethod
+    def _writer(trainer: pl.Trainer) -> Any:
+        """The TensorBoard SummaryWriter if this run logs to TensorBoard, else None."""
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        return loggers[0].experiment if loggers and trainer.is_global_zero else None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        writer = self._writer(trainer)
+        if writer is not None:
+            writer.add_custom_scalars(chart_layout(pl_module.classes))
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrong["val"] = None  # keep the last epoch's only
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrong["test"] = None
+
+    def _keep(self, stage: str, trainer: pl.Trainer, logits: torch.Tensor, batch: Any) -> None:
+        if not trainer.sanity_checking and self._writer(trainer) is not None:
+            images, labels = batch
+            self._wrong[stage] = keep_most_confident_wrong(self._wrong.get(stage), images, logits, labels, self.k)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep("val", trainer, outputs, batch)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep("test", trainer, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_epoch = trainer.current_epoch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_epoch >= 0:  # a real (non-sanity) validation ran
+            self._log_images("val", trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_images("test", trainer, pl_module)  # after the module's own epoch end made its matrix
+
+    def _log_images(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Confusion matrix and most confidently wrong images of the stage's last epoch, as TensorBoard images."""
+        writer = self._writer(trainer)
+        confusion = pl_module.last_confusion.get(stage)
+        if writer is None or confusion is None:
+            return
+        matrix = confusion.cpu().numpy()
+        accuracy = np.trace(matrix) / max(int(matrix.sum()), 1)
+        where = f"{stage}, epoch {self._val_epoch}" if stage == "val" else stage
+        title = f"{where}: {int(matrix.sum())} images, accuracy {accuracy:.3f}"
+        step = trainer.global_step
+        # add_figure draws off-screen (Agg): no pyplot, no display
+        writer.add_figure(f"{stage}/confusion_matrix", confusion_image(matrix, pl_module.classes, title), step)
+        wrong = self._wrong.get(stage)
+        if wrong is not None:
+            title = f"{where}: the most confidently wrong of {int(matrix.sum())}"
+            grid = wrong_grid_image(wrong, pl_module.classes, title)
+            writer.add_figure(f"{stage}/most_confident_wrong", grid, step)
+
+
+def chart_layout(classes: list[str]) -> dict[str, dict[str, list]]:
+    """Custom-scalars layout: one multi-line chart per stage and quantity, from the logged scalars."""
+
+    def lines(tags: list[str]) -> list:
+        return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]  # entries are regexes
+
+    stages = ("train", "val")
+    return {
+        "prediction fractions (a collapsed net puts 1.0 on one class)": {
+            stage: lines([f"{stage}/pred_frac/{name}" for name in classes]) for stage in stages
+        },
+        "recall per class": {stage: lines([f"{stage}/recall/{name}" for name in classes]) for stage in stages},
+        "train vs val": {
+            "accuracy": lines(["train/acc", "val/acc", "train/balanced_acc", "val/balanced_acc"]),
+            "loss": lines(["train/loss", "val/loss"]),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- the sweep report
 
 
 class SweepReport(Callback):

@@ -6,22 +6,23 @@ that its weights fit the AlexNet its hyperparameters describe and builds the mod
 them. Images are preprocessed as in training, at the image size and colour mode stored
 in the checkpoint.
 
-``evaluate_split`` evaluates on a split (test by default) of the run's own data, rebuilt
-from the run dir's ``.hydra/config.yaml`` the way training built it, so its numbers equal
-the run's ``metrics.json``. ``evaluate_folder`` evaluates on any folder in the ImageFolder
-layout, preprocessed by training's own cache builder (placeholders and unreadable files
-left out the same way), its class folders matched to the checkpoint's classes by name.
-``predict`` gives the class and its probability per image file, each decoded by
+Everything runs through Lightning, with the module's own metric code: ``evaluate_split`` is
+``Trainer.test`` (or ``validate``) on a split of the run's own data, rebuilt from the run
+dir's ``.hydra/config.yaml`` the way training built it, so its numbers equal the run's
+``metrics.json``. ``evaluate_folder`` is ``Trainer.test`` on every image of a folder in the
+ImageFolder layout, preprocessed by training's own cache builder (placeholders and
+unreadable files left out the same way), its class folders matched to the checkpoint's
+classes by name. ``predict`` is ``Trainer.predict`` over image files, each decoded by
 training's ``load_image`` (placeholder detection, which needs a whole folder, is not
-applied); files that cannot be read are reported, never raised. ``eval_main`` and ``predict_main`` are the Hydra glue of
-``eval.py`` and ``predict.py``.
+applied); files that cannot be read are reported, never raised. ``eval_main`` and
+``predict_main`` are what ``eval.py`` and ``predict.py`` run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -36,59 +37,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from alexnet_lab.data.augment import to_float
-from alexnet_lab.data.preprocess import IMAGE_EXTENSIONS, PREPROCESS_VERSION, DataError, build_cache, load_image
+from alexnet_lab.cli import load, write_json
+from alexnet_lab.config import DataConfig, EvalConfig, PredictConfig
+from alexnet_lab.data import preprocess
+from alexnet_lab.data.datamodule import CacheBatches, ImageFolderDataModule
+from alexnet_lab.errors import CheckpointError, ConfigError, DataError, one_line
 from alexnet_lab.metrics import confusion_summary
 from alexnet_lab.module import AlexNetClassifier
-from alexnet_lab.train import ConfigError, build_datamodule, check_all_set, write_json
-
-__all__ = [
-    "CheckpointError",
-    "TrainedModel",
-    "Evaluation",
-    "Prediction",
-    "find_checkpoint",
-    "load_trained",
-    "evaluate",
-    "evaluate_split",
-    "evaluate_folder",
-    "predict",
-    "image_paths",
-    "write_predictions_csv",
-    "format_predictions",
-    "split_path_arguments",
-    "eval_main",
-    "predict_main",
-]
 
 log = logging.getLogger(__name__)
 
 BEST_IN_RUN_DIR = Path("checkpoints") / "best.ckpt"  # what a run dir given as ckpt_path stands for
 RUN_CONFIG = Path(".hydra") / "config.yaml"  # the resolved config Hydra stores in every run dir
-SPLITS = ("test", "val")  # the held-out splits of a run's own data
-
-# Lightning precision names -> (autocast?, dtype); "-true" casts the module and the inputs.
-_PRECISIONS: dict[str, tuple[bool, torch.dtype]] = {
-    "32-true": (False, torch.float32),
-    "64-true": (False, torch.float64),
-    "16-true": (False, torch.float16),
-    "bf16-true": (False, torch.bfloat16),
-    "16-mixed": (True, torch.float16),
-    "bf16-mixed": (True, torch.bfloat16),
-}
-_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the file and what to do."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split("\n")[0].split()) or "no message"
+def _describe(error: BaseException) -> str:
+    """``Type: message`` in one short line (a file's reason, or the cause inside a CheckpointError)."""
+    text = one_line(error)
     if len(text) > 150:
         text = text.split(". ")[0]  # torch's messages go on for sentences
     return f"{type(error).__name__}: {text[:200]}"
@@ -137,12 +108,10 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} is not a PyTorch checkpoint (cannot unpickle it): pass a .ckpt from a run dir"
         ) from None
     except OSError as err:
-        raise CheckpointError(
-            f"cannot read {path} ({_first_line(err)}): check the path and its permissions"
-        ) from None
+        raise CheckpointError(f"cannot read {path} ({_describe(err)}): check the path and its permissions") from None
     except Exception as err:  # truncated zip (RuntimeError), empty file (EOFError), garbage (KeyError, ValueError)
         raise CheckpointError(
-            f"{path} is corrupted or not a checkpoint ({_first_line(err)}): copy it again or use another checkpoint"
+            f"{path} is corrupted or not a checkpoint ({_describe(err)}): copy it again or use another checkpoint"
         ) from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
         raise CheckpointError(
@@ -162,58 +131,67 @@ def _build_module(path: Path, checkpoint: dict[str, Any]) -> AlexNetClassifier:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
-            f"{path}: its hyperparameters do not describe an alexnet_lab model ({_first_line(err)}): "
+            f"{path}: its hyperparameters do not describe an alexnet_lab model ({_describe(err)}): "
             "pass a .ckpt written by train.py"
         ) from None
-    state = checkpoint["state_dict"]
-    expected = module.state_dict()
-    if not isinstance(state, dict):
-        state = {}
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong_shape = [
-        f"{key} is {tuple(state[key].shape)} in the file but {tuple(expected[key].shape)} in that model"
-        for key in expected
-        if key in state and (not isinstance(state[key], torch.Tensor) or state[key].shape != expected[key].shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        problems = wrong_shape[:1]
-        if missing:
-            problems.append(f"{len(missing)} weights missing (first {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} weights it does not have (first {unexpected[0]})")
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (RuntimeError, TypeError) as err:  # torch lists every missing, unexpected or misshapen weight
+        problems = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
         described = ", ".join(f"{key}={value}" for key, value in model.items())
         raise CheckpointError(
             f"{path}: its weights do not fit the AlexNet its hyperparameters describe ({described}, "
-            f"{module.net.config.in_channels} channel(s), {len(classes)} classes): {'; '.join(problems)}; "
+            f"{module.net.config.in_channels} channel(s), {len(classes)} classes): {problems[0][:200]}; "
             "was it saved by another architecture or edited?"
-        )
-    module.load_state_dict(state, strict=True)
+        ) from None
     return module
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's info lines (GPU available, tips) and its worker-count hint off: the commands print results."""
+    logger = logging.getLogger("pytorch_lightning")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device}: no GPU is visible to torch here; use device=cpu or device=auto")
-    return resolved
+        with warnings.catch_warnings():
+            # batches are sliced from a memory-mapped cache, and predict's files are decoded in this
+            # process, which keeps each file's error (ImageFiles.errors)
+            warnings.filterwarnings("ignore", message=".*does not have many workers")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
-def _resolve_precision(precision: Any) -> str:
-    name = _PRECISION_ALIASES.get(str(precision), str(precision))
-    if name not in _PRECISIONS:
-        raise ConfigError(f"precision={precision!r}: use one of {', '.join(_PRECISIONS)} (or null: as trained)")
-    return name
+def quiet_trainer(device: str, precision: str | None) -> pl.Trainer:
+    """A Trainer for test/predict only: no logger, checkpoints, summary or progress bar.
+
+    ``device``: auto, cpu, cuda or cuda:N (Lightning's accelerator, and the GPU's index);
+    ``precision``: a Lightning precision, None for Lightning's default (32-true).
+    What Lightning refuses is one ConfigError line naming ``device`` or ``precision``.
+    """
+    accelerator, _, index = str(device).partition(":")
+    try:
+        with _quiet():
+            return pl.Trainer(
+                accelerator=accelerator,
+                devices=[int(index)] if index.isdigit() else index or 1,
+                precision=precision,  # type: ignore[arg-type]
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=False,
+            )
+    except Exception as err:  # Lightning's MisconfigurationException, ValueError or TypeError
+        if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: no GPU here; use device=auto or cpu") from None
+        key, value = ("precision", precision) if "precision" in str(err).lower() else ("device", device)
+        raise ConfigError(f"{key}={value}: {one_line(err)}") from None
 
 
 @dataclass
 class TrainedModel:
-    """A checkpoint ready for inference: the module in eval mode and how to preprocess images for it."""
+    """A checkpoint ready for inference: the module, how to preprocess images for it, and where to run it."""
 
     module: AlexNetClassifier
     checkpoint: Path  # the .ckpt file
@@ -221,8 +199,8 @@ class TrainedModel:
     run_config: DictConfig | None  # that run's resolved config
     image_size: int  # px: images are letterboxed to image_size x image_size
     grayscale: bool  # 1 channel if True, else RGB
-    device: torch.device
-    precision: str  # a Lightning precision name, as the run trained (or as asked)
+    device: str  # auto, cpu, cuda or cuda:N
+    precision: str  # a Lightning precision, as the run trained (or as asked)
     epoch: int | None = None  # epoch the checkpoint was saved at (0-based), if recorded
     data_fingerprint: str | None = None  # fingerprint of the data cache it was trained on, if recorded
 
@@ -230,36 +208,44 @@ class TrainedModel:
     def classes(self) -> list[str]:
         return self.module.classes
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, S, S) on any device -> float32 logits (B, num_classes) on the model's device."""
-        autocast, dtype = _PRECISIONS[self.precision]
-        images = to_float(images.to(self.device, non_blocking=True))  # (B, C, S, S) in [0, 1], as in training
-        if not autocast:
-            images = images.to(dtype)
-        context = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
-        with torch.inference_mode(), context:
-            return self.module(images).float()
+    def trainer(self) -> pl.Trainer:
+        """A fresh quiet Trainer on this model's device and precision."""
+        return quiet_trainer(self.device, self.precision)
 
-    def preprocess(self, path: str | Path) -> np.ndarray:
-        """One image file preprocessed for this model: uint8 (C, S, S). Raises on undecodable files."""
-        return load_image(Path(path), self.image_size, self.grayscale)
+
+def _preprocessing(path: Path, checkpoint: dict[str, Any], run_config: DictConfig | None,
+                   image_size: int | None, in_channels: int) -> tuple[int, bool]:
+    """(image size, grayscale) the checkpoint was trained with: stored in it, else in its run dir's config."""
+    stored = checkpoint.get("preprocessing")
+    data = run_config.get("data") if run_config is not None else None
+    if isinstance(stored, dict) and "image_size" in stored:
+        if stored.get("preprocess_version", preprocess.PREPROCESS_VERSION) != preprocess.PREPROCESS_VERSION:
+            log.warning("%s was preprocessed by another version of alexnet_lab; results may differ", path)
+        trained_size, grayscale = int(stored["image_size"]), bool(stored["grayscale"])
+    elif isinstance(data, DictConfig) and "image_size" in data:
+        trained_size, grayscale = int(data.image_size), bool(data.grayscale)
+    elif image_size is not None:
+        trained_size, grayscale = image_size, in_channels == 1
+    else:
+        raise CheckpointError(
+            f"{path} records no image size and has no run dir config beside it: pass image_size=N, "
+            "the data.image_size it was trained with"
+        )
+    if (1 if grayscale else 3) != in_channels:
+        raise CheckpointError(f"{path}: grayscale={grayscale} does not fit its {in_channels}-channel first layer")
+    if image_size is not None and image_size != trained_size:
+        log.warning("using %d px images; %s was trained at %d px", image_size, path, trained_size)
+    return image_size or trained_size, grayscale
 
 
 def load_trained(
-    ckpt: str | Path,
-    *,
-    device: str | torch.device = "auto",
-    image_size: int | None = None,
-    precision: str | None = None,
+    ckpt: str | Path, *, device: str = "auto", image_size: int | None = None, precision: str | None = None
 ) -> TrainedModel:
     """Load a checkpoint (a .ckpt file or a run dir) for inference; raises :class:`CheckpointError`.
 
     ``image_size`` and ``precision`` default to what the run used (stored in the checkpoint,
-    else in the run dir's config).
+    else in the run dir's config); an impossible ``device`` or ``precision`` is a ConfigError.
     """
-    bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 64
-    if image_size is not None and bad_size:
-        raise ConfigError(f"image_size={image_size!r}: must be an integer >= 64 (or null: as trained)")
     path = find_checkpoint(ckpt)
     checkpoint = _read_checkpoint(path)
     module = _build_module(path, checkpoint)
@@ -270,50 +256,26 @@ def load_trained(
             loaded = OmegaConf.load(run_dir / RUN_CONFIG)
         except Exception as err:  # yaml or OmegaConf errors, whatever their class
             raise CheckpointError(
-                f"{run_dir / RUN_CONFIG} is unreadable ({_first_line(err)}): repair or remove it"
+                f"{run_dir / RUN_CONFIG} is unreadable ({_describe(err)}): repair or remove it"
             ) from None
         run_config = loaded if isinstance(loaded, DictConfig) else None
-
+    size, grayscale = _preprocessing(path, checkpoint, run_config, image_size, module.net.config.in_channels)
+    if precision is None and run_config is not None:
+        precision = OmegaConf.select(run_config, "trainer.precision")  # as trained; else Lightning's default
+    trainer = quiet_trainer(device, precision)  # an impossible device or precision fails here, in one line
     stored = checkpoint.get("preprocessing")
-    data_cfg = run_config.get("data") if run_config is not None else None
-    if isinstance(stored, dict) and "image_size" in stored:
-        trained_size, grayscale = int(stored["image_size"]), bool(stored["grayscale"])
-        if stored.get("preprocess_version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
-            log.warning("%s was preprocessed by another version of alexnet_lab; results may differ", path)
-    elif isinstance(data_cfg, DictConfig) and "image_size" in data_cfg:
-        trained_size, grayscale = int(data_cfg.image_size), bool(data_cfg.grayscale)
-    elif image_size is not None:
-        trained_size, grayscale = int(image_size), module.net.config.in_channels == 1
-    else:
-        raise CheckpointError(
-            f"{path} records no image size and has no run dir config beside it: pass image_size=N, "
-            "the data.image_size it was trained with"
-        )
-    if (1 if grayscale else 3) != module.net.config.in_channels:
-        raise CheckpointError(
-            f"{path}: grayscale={grayscale} does not fit its {module.net.config.in_channels}-channel first layer"
-        )
-    if image_size is not None and image_size != trained_size:
-        log.warning("using %d px images; %s was trained at %d px", image_size, path, trained_size)
-    if precision is None:
-        trained = OmegaConf.select(run_config, "trainer.precision") if run_config is not None else None
-        precision = str(trained) if trained is not None else "32-true"
-    precision = _resolve_precision(precision)
-    resolved = _resolve_device(device)
-    autocast, dtype = _PRECISIONS[precision]
-    module = module.to(resolved, dtype=torch.float32 if autocast else dtype).eval()
-    epoch = checkpoint.get("epoch")
     fingerprint = stored.get("data_fingerprint") if isinstance(stored, dict) else None
+    epoch = checkpoint.get("epoch")
     return TrainedModel(
-        module=module,
+        module=module.eval(),
         checkpoint=path,
         run_dir=run_dir,
         run_config=run_config,
-        image_size=image_size or trained_size,
+        image_size=size,
         grayscale=grayscale,
-        device=resolved,
-        precision=precision,
-        epoch=int(epoch) if isinstance(epoch, int) else None,
+        device=str(device),
+        precision=trainer.precision,  # as Lightning took it (16-mixed is bf16-mixed on a CPU)
+        epoch=epoch if isinstance(epoch, int) else None,
         data_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
     )
 
@@ -410,47 +372,42 @@ class Evaluation:
         return "\n".join(lines)
 
 
-class _Accumulator:
-    """Confusion matrix and summed loss over batches, on the device; read once at the end."""
-
-    def __init__(self, num_classes: int, device: torch.device) -> None:
-        self.num_classes = num_classes
-        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        labels = labels.to(logits.device)
-        cells = labels * self.num_classes + logits.argmax(dim=1)  # (B,) flat index into (true, predicted)
-        self.confusion += torch.bincount(cells, minlength=self.num_classes**2)
-        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-
-    def result(self) -> tuple[np.ndarray, float]:
-        confusion = self.confusion.view(self.num_classes, self.num_classes).cpu().numpy()
-        return confusion, float(self.loss_sum) / max(int(confusion.sum()), 1)
+def _run_stage(model: TrainedModel, stage: str, **data: Any) -> tuple[np.ndarray, float]:
+    """``Trainer.test`` (stage "test") or ``Trainer.validate`` ("val"): the module's confusion matrix and mean loss."""
+    trainer = model.trainer()
+    with _quiet():
+        (trainer.test if stage == "test" else trainer.validate)(model.module, verbose=False, **data)
+    confusion = model.module.last_confusion[stage].cpu().numpy()  # (K, K) int64, rows true class
+    return confusion, float(trainer.callback_metrics[f"{stage}/loss"])
 
 
-def evaluate_split(
-    ckpt: str | Path | TrainedModel, split: str = "test", run_config: DictConfig | None = None, **options: Any
-) -> Evaluation:
-    """Evaluate on a split of the run's own data, rebuilt as in training (same cache, same seeded split).
-
-    ``run_config`` defaults to the run dir's ``.hydra/config.yaml``. With an unchanged data
-    folder the numbers equal the run's ``metrics.json`` (test split, best checkpoint).
-    """
-    model = _as_model(ckpt, **options)
-    if split not in SPLITS:
-        raise ConfigError(f"split={split!r}: use one of {', '.join(SPLITS)}")
+def run_data_config(model: TrainedModel, run_config: DictConfig | None = None) -> DataConfig:
+    """The run's ``data`` config (from its run dir's .hydra/config.yaml) at the checkpoint's image size and colour."""
     source = run_config if run_config is not None else model.run_config
     if source is None or "data" not in source:
         raise CheckpointError(
             f"{model.checkpoint} has no run dir with {RUN_CONFIG.as_posix()} to find its data: "
             "evaluate it on a folder with data=folder data.raw_dir=DIR"
         )
-    cfg = copy.deepcopy(source)  # only cfg.data is resolved: run_name needs Hydra's resolvers
-    cfg.data.image_size, cfg.data.grayscale = model.image_size, model.grayscale
-    datamodule = build_datamodule(cfg)  # the very datamodule training built
+    try:  # only the data block is read: the rest (run_name) needs Hydra's resolvers
+        as_trained = {"image_size": model.image_size, "grayscale": model.grayscale}
+        data = OmegaConf.merge(OmegaConf.structured(DataConfig), source.data, as_trained)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"the data block of {model.checkpoint}'s run config does not fit: {one_line(err)}") from None
+    return load(data)
+
+
+def evaluate_split(
+    ckpt: str | Path | TrainedModel, split: str = "test", run_config: DictConfig | None = None, **options: Any
+) -> Evaluation:
+    """Evaluate on a split ("test" or "val") of the run's own data, rebuilt as in training (same cache, same split).
+
+    ``run_config`` defaults to the run dir's ``.hydra/config.yaml``. With an unchanged data
+    folder the numbers equal the run's ``metrics.json`` (test split, best checkpoint).
+    """
+    model = _as_model(ckpt, **options)
+    datamodule = ImageFolderDataModule(run_data_config(model, run_config))  # the very datamodule training built
     datamodule.prepare_data()
-    datamodule.setup("test")
     if datamodule.classes != model.classes:
         raise DataError(
             f"data.raw_dir={datamodule.raw_dir} now has classes {datamodule.classes}, but {model.checkpoint} was "
@@ -464,43 +421,27 @@ def evaluate_split(
             "split is not the one the run was tested on"
         )
         log.warning("%s", note)
-    batches = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-    totals = _Accumulator(len(model.classes), model.device)
-    for images, labels in batches:  # uint8 (B, C, S, S), int64 (B,)
-        totals.update(model.logits(images), labels)
-    confusion, loss = totals.result()
-    return Evaluation(
-        checkpoint=str(model.checkpoint),
-        data=f"{split} split of {datamodule.raw_dir}",
-        classes=model.classes,
-        confusion=confusion,
-        loss=loss,
-        note=note,
-    )
+    confusion, loss = _run_stage(model, split, datamodule=datamodule)
+    return Evaluation(str(model.checkpoint), f"{split} split of {datamodule.raw_dir}", model.classes, confusion, loss,
+                      note=note)
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    """Image files under folder, recursively, hidden files and folders skipped, sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found += [
-            Path(root) / name
-            for name in files
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        ]
-    return sorted(found)
+def _discarded_files(cache_path: Path, raw_dir: Path) -> list[tuple[str, str]]:
+    """(file, reason) of every file the cache left out, from its manifest."""
+    with open(cache_path / "manifest.csv", newline="") as handle:
+        rows = csv.DictReader(handle)
+        return [(str(raw_dir / row["path"]), row["reason"]) for row in rows if row["status"] != "kept"]
 
 
 def evaluate_folder(
     ckpt: str | Path | TrainedModel,
     raw_dir: str | Path,
     *,
-    cache_dir: str | Path = "data/cache",
-    discard: Mapping[str, Any] | None = None,
-    workers: int | None = None,
+    cache_dir: str | Path = DataConfig.cache_dir,
+    discard: Mapping[str, Any] | preprocess.DiscardRules | None = None,
+    workers: int | None = DataConfig.workers,
     progress: bool = False,
-    batch_size: int = 256,
+    batch_size: int = EvalConfig.batch_size,
     **options: Any,
 ) -> Evaluation:
     """Evaluate on every image of a folder in the ImageFolder layout (``raw/<class>/*.jpg``).
@@ -513,62 +454,23 @@ def evaluate_folder(
     """
     model = _as_model(ckpt, **options)
     raw_dir = Path(raw_dir).expanduser()
-    if not raw_dir.is_dir():
-        raise DataError(f"data.raw_dir={raw_dir} is not a folder: point it at a folder with one subfolder per class")
-    # checked before any decoding: a wrong folder should fail in a second, not after the cache is built
-    class_folders = [
-        entry.name
-        for entry in sorted(os.scandir(raw_dir), key=lambda entry: entry.name)
-        if entry.is_dir() and not entry.name.startswith(".") and _folder_images(Path(entry.path))
-    ]
-    _check_folder_classes(raw_dir, class_folders, model)
-    cache = build_cache(
-        raw_dir,
-        cache_dir,
-        image_size=model.image_size,
-        grayscale=model.grayscale,
-        workers=workers,
-        progress=progress,
-        discard=discard,
-    )
-    _check_folder_classes(raw_dir, cache.classes, model)  # the cache's own scan is the authority
-    to_checkpoint = torch.tensor([model.classes.index(name) for name in cache.classes])  # cache label -> ours
-
-    totals = _Accumulator(len(model.classes), model.device)
-    for start in range(0, len(cache), batch_size):
-        images = torch.from_numpy(np.array(cache.images[start : start + batch_size]))  # read into RAM: (B, C, S, S)
-        labels = to_checkpoint[torch.from_numpy(cache.labels[start : start + batch_size])]
-        totals.update(model.logits(images), labels)
-    confusion, loss = totals.result()
-    return Evaluation(
-        checkpoint=str(model.checkpoint),
-        data=str(raw_dir),
-        classes=model.classes,
-        confusion=confusion,
-        loss=loss,
-        skipped=_discarded_files(cache.path, raw_dir),
-    )
-
-
-def _check_folder_classes(raw_dir: Path, names: Sequence[str], model: TrainedModel) -> None:
-    unknown = [name for name in names if name not in model.classes]
+    # the cache's own scan, before any decoding: a wrong folder should fail in a second, not after the cache is built
+    unknown = [name for name in preprocess.scan_folder(raw_dir).classes if name not in model.classes]
     if unknown:
         raise DataError(
             f"data.raw_dir={raw_dir} has class folder {unknown[0]!r}, which {model.checkpoint} does not know "
             f"(its classes: {', '.join(model.classes)}): rename or remove that folder"
         )
-    if len(names) < 2:
-        found = f"only {names[0]!r}" if names else "no class folder with images"
-        raise DataError(
-            f"data.raw_dir={raw_dir} has {found}: evaluation preprocesses a folder as training does, which needs "
-            "two or more class folders; for one class, see what the model says with predict.py"
-        )
-
-
-def _discarded_files(cache_path: Path, raw_dir: Path) -> list[tuple[str, str]]:
-    """(file, reason) of every file the cache left out, from its manifest."""
-    with open(cache_path / "manifest.csv", newline="") as handle:
-        return [(str(raw_dir / row["path"]), row["reason"]) for row in csv.DictReader(handle) if row["status"] != "kept"]
+    cache = preprocess.build_cache(
+        raw_dir, cache_dir, model.image_size, model.grayscale, workers=workers, progress=progress, discard=discard
+    )
+    to_checkpoint = np.array([model.classes.index(name) for name in cache.classes])  # cache label -> ours
+    images = CacheBatches(dataclasses.replace(cache, labels=to_checkpoint[cache.labels]))
+    # uint8 (B, C, S, S) batches in cache order, read from the memory-mapped cache a batch at a time
+    batches = DataLoader(images, sampler=BatchSampler(SequentialSampler(images), batch_size, False), batch_size=None)
+    confusion, loss = _run_stage(model, "test", dataloaders=batches)
+    return Evaluation(str(model.checkpoint), str(raw_dir), model.classes, confusion, loss,
+                      skipped=_discarded_files(cache.path, raw_dir))
 
 
 def evaluate(
@@ -598,6 +500,19 @@ class Prediction:
         return self.label is not None
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    """Image files under folder, recursively, hidden files and folders skipped, sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        found += [
+            Path(root) / name
+            for name in files
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in preprocess.IMAGE_EXTENSIONS
+        ]
+    return sorted(found)
+
+
 def image_paths(inputs: str | Path | Iterable[str | Path]) -> list[tuple[Path, str]]:
     """Files to predict, in order: (path, "") per image, (path, reason) for an input that is not there.
 
@@ -619,30 +534,36 @@ def image_paths(inputs: str | Path | Iterable[str | Path]) -> list[tuple[Path, s
     return found
 
 
-def _decode(model: TrainedModel, paths: Sequence[Path]) -> tuple[list[int], list[np.ndarray], list[tuple[int, str]]]:
-    """Preprocess files: (positions decoded, their pixels, (position, reason) of the rest)."""
-    kept, pixels, failed = [], [], []
-    for position, path in enumerate(paths):
+class ImageFiles(Dataset):
+    """Image files decoded as training decodes them: uint8 (C, S, S) each.
+
+    A file that cannot be decoded gives a black image and its reason in ``errors``; read in
+    this process (num_workers=0), so ``errors`` is filled as the loader goes.
+    """
+
+    def __init__(self, paths: Sequence[Path], image_size: int, grayscale: bool) -> None:
+        self.paths, self.image_size, self.grayscale = list(paths), image_size, grayscale
+        self.errors: dict[int, str] = {}  # index -> why that file was not read
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
         try:
             if path.is_file() and path.stat().st_size == 0:
                 raise ValueError("empty file (0 bytes)")
-            pixels.append(model.preprocess(path))
-            kept.append(position)
+            return torch.from_numpy(preprocess.load_image(path, self.image_size, self.grayscale))
         except Exception as err:  # any decoder failure: report this file, go on with the others
-            failed.append((position, _first_line(err)))
-    return kept, pixels, failed
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+            self.errors[index] = _describe(err)
+            return torch.zeros((1 if self.grayscale else 3, self.image_size, self.image_size), dtype=torch.uint8)
 
 
 def predict(
     ckpt: str | Path | TrainedModel,
     images: str | Path | Iterable[str | Path],
     *,
-    batch_size: int = 64,
+    batch_size: int = PredictConfig.batch_size,
     **options: Any,
 ) -> list[Prediction]:
     """Predicted class and its probability for each image file (folders expand to their images).
@@ -653,27 +574,24 @@ def predict(
     """
     model = _as_model(ckpt, **options)
     entries = image_paths(images)
-    results: list[Prediction | None] = [None] * len(entries)
-    for position, (path, reason) in enumerate(entries):
+    files = ImageFiles([path for path, reason in entries if not reason], model.image_size, model.grayscale)
+    rows: Iterator[np.ndarray] = iter(())
+    if len(files):
+        with _quiet():
+            batches = model.trainer().predict(model.module, DataLoader(files, batch_size=batch_size))
+        rows = iter(torch.cat(batches).numpy())  # type: ignore[arg-type]  # (N, num_classes) probabilities, in order
+    results, index = [], 0
+    for path, reason in entries:
+        if not reason:
+            reason, row = files.errors.get(index, ""), next(rows)
+            index += 1
         if reason:
-            results[position] = Prediction(str(path), None, math.nan, {}, reason)
-    readable = [position for position, (_, reason) in enumerate(entries) if not reason]
-    for chunk in _chunks(readable, batch_size):
-        kept, pixels, failed = _decode(model, [entries[position][0] for position in chunk])
-        for index, reason in failed:
-            results[chunk[index]] = Prediction(str(entries[chunk[index]][0]), None, math.nan, {}, reason)
-        if not kept:
+            results.append(Prediction(str(path), None, math.nan, {}, reason))
             continue
-        probabilities = model.logits(torch.from_numpy(np.stack(pixels))).softmax(dim=1).cpu().numpy()
-        for index, row in zip(kept, probabilities):
-            best = int(row.argmax())
-            results[chunk[index]] = Prediction(
-                path=str(entries[chunk[index]][0]),
-                label=model.classes[best],
-                probability=float(row[best]),
-                probabilities={name: float(p) for name, p in zip(model.classes, row)},
-            )
-    return [result for result in results if result is not None]
+        best = int(row.argmax())
+        probabilities = {name: float(p) for name, p in zip(model.classes, row)}
+        results.append(Prediction(str(path), model.classes[best], float(row[best]), probabilities))
+    return results
 
 
 def write_predictions_csv(predictions: Sequence[Prediction], out: str | Path, classes: Sequence[str]) -> Path:
@@ -706,10 +624,7 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
             lines.append(f"{row.path:<{width}}  {row.label:<{label_width}}  {row.probability:.3f}")
         else:
             lines.append(f"{row.path:<{width}}  {'-':<{label_width}}  -      skipped: {row.error}")
-    counts: dict[str, int] = {}
-    for row in predictions:
-        if row.ok:
-            counts[row.label] = counts.get(row.label, 0) + 1  # type: ignore[index]
+    counts = Counter(row.label for row in predictions if row.ok)
     done = sum(counts.values())
     per_class = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
     lines.append(f"{done} of {len(predictions)} files predicted" + (f" ({per_class})" if per_class else "")
@@ -747,93 +662,55 @@ def split_path_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return hydra_args, paths
 
 
-def _check_options(cfg: DictConfig) -> None:
-    """Unset required keys and bad numbers as one ConfigError line naming the key."""
-    check_all_set(cfg)
-    size = cfg.get("batch_size")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"batch_size={size!r}: must be an integer >= 1")
-
-
-def _load_from_cfg(cfg: DictConfig) -> TrainedModel:
-    return load_trained(cfg.ckpt_path, device=cfg.device, image_size=cfg.image_size, precision=cfg.precision)
-
-
 def default_eval_path(model: TrainedModel, data_name: str) -> Path:
     """eval_<checkpoint>_<data>.json in the run dir, or beside the checkpoint without one."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", data_name).strip("_") or "data"
     return (model.run_dir or model.checkpoint.parent) / f"eval_{model.checkpoint.stem}_{safe}.json"
 
 
-def eval_main(cfg: DictConfig) -> Evaluation:
+def _load_for(cfg: EvalConfig | PredictConfig) -> TrainedModel:
+    return load_trained(cfg.ckpt_path, device=cfg.device, image_size=cfg.image_size, precision=cfg.precision)
+
+
+def eval_main(cfg: EvalConfig) -> Evaluation:
     """``python eval.py ckpt_path=PATH [data=folder data.raw_dir=DIR]``: print the results, write them as JSON."""
+    model = _load_for(cfg)
+    if cfg.data is not None:
+        data = cfg.data
+        result = evaluate_folder(model, data.raw_dir, cache_dir=data.cache_dir, discard=data.discard,
+                                 workers=data.workers, progress=data.progress, batch_size=cfg.batch_size)
+        name = Path(data.raw_dir).name
+    else:
+        result, name = evaluate_split(model, cfg.split), cfg.split
+    print(result.report())
+    out = Path(cfg.out).expanduser() if cfg.out else default_eval_path(model, name)
     try:
-        _check_options(cfg)
-        model = _load_from_cfg(cfg)
-        data = cfg.get("data")
-        if data is not None:
-            discard = data.get("discard")
-            result = evaluate_folder(
-                model,
-                data.raw_dir,
-                cache_dir=data.cache_dir,
-                discard=OmegaConf.to_container(discard, resolve=True) if discard is not None else None,
-                workers=data.get("workers"),
-                progress=bool(data.get("progress", False)),
-                batch_size=cfg.batch_size,
-            )
-            name = Path(data.raw_dir).name
-        else:
-            result = evaluate_split(model, cfg.split)
-            name = cfg.split
-        print(result.report())
-        out = Path(cfg.out).expanduser() if cfg.out else default_eval_path(model, name)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_json(out, result.to_dict())
-        except OSError as err:
-            raise DataError(
-                f"cannot write {out} ({_first_line(err)}): pass out=PATH somewhere writable"
-            ) from None
-        print(f"wrote {out}")
-        return result
-    except (CheckpointError, ConfigError, DataError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result.to_dict())
+    except OSError as err:
+        raise DataError(f"cannot write {out} ({_describe(err)}): pass out=PATH somewhere writable") from None
+    print(f"wrote {out}")
+    return result
 
 
-def predict_main(cfg: DictConfig, extra_paths: Sequence[str] = ()) -> list[Prediction]:
+def predict_main(cfg: PredictConfig, extra_paths: Sequence[str] = ()) -> list[Prediction]:
     """``python predict.py ckpt_path=PATH IMAGES_OR_FOLDERS... [out=preds.csv]``: a table, and a CSV with ``out``.
 
-    Exits 1 when no file could be predicted (each is listed with its reason), 2 on a bad
-    checkpoint or option.
+    Exits 1 when no file could be predicted (each is listed with its reason); a bad
+    checkpoint or option raises (``cli.error_policy``: exit 2).
     """
-    try:
-        _check_options(cfg)
-        inputs = cfg.inputs
-        if isinstance(inputs, ListConfig):
-            paths = [str(item) for item in inputs]
-        else:
-            paths = [str(inputs)] if inputs else []
-        paths += list(extra_paths)
-        if not paths:
-            raise ConfigError(
-                "no images given: pass files or folders, e.g. predict.py ckpt_path=RUN photo.jpg photos/"
-            )
-        model = _load_from_cfg(cfg)
-        predictions = predict(model, paths, batch_size=cfg.batch_size)
-        print(format_predictions(predictions))
-        if cfg.out:
-            try:
-                out = write_predictions_csv(predictions, cfg.out, model.classes)
-            except OSError as err:
-                raise DataError(
-                    f"cannot write {cfg.out} ({_first_line(err)}): pass out=PATH somewhere writable"
-                ) from None
-            print(f"wrote {out}")
-    except (CheckpointError, ConfigError, DataError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    paths = [*cfg.inputs, *extra_paths]
+    if not paths:
+        raise ConfigError("no images given: pass files or folders, e.g. predict.py ckpt_path=RUN photo.jpg photos/")
+    model = _load_for(cfg)
+    predictions = predict(model, paths, batch_size=cfg.batch_size)
+    print(format_predictions(predictions))
+    if cfg.out:
+        try:
+            out = write_predictions_csv(predictions, cfg.out, model.classes)
+        except OSError as err:
+            raise DataError(f"cannot write {cfg.out} ({_describe(err)}): pass out=PATH somewhere writable") from None
+        print(f"wrote {out}")
     if not any(row.ok for row in predictions):
         sys.exit(1)
     return predictions

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alexnet_lab.config import ModelConfig
+from alexnet_lab.errors import setting
+
 
 @dataclass(frozen=True)
 class ConvLayer:
@@ -79,59 +82,12 @@ def _paper_widths(spec: ArchSpec) -> list[int]:
     return [conv.width for conv in spec.convs] + list(spec.hidden)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass
-class AlexNetConfig:
-    arch: str = "notebook"  # "notebook" (the user's simplified net) or "paper" (Fig. 2 of the paper)
-    downscale: int = 16  # every width = the paper's width // downscale (1 = paper widths)
-    dropout: float = 0.0  # p of dropout before each of the last two dense layers (paper: 0.5)
-    in_channels: int = 1  # 1 = grayscale, 3 = RGB
-    num_classes: int = 2  # one logit per class
-    lrn: bool = False  # local response normalisation after conv1 and conv2, as in the paper
+class AlexNetConfig(ModelConfig):
+    """:class:`ModelConfig` and what the data decides: input channels and classes."""
 
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            choices = ", ".join(repr(name) for name in ARCHS)
-            raise ValueError(
-                f"model.arch={self.arch!r}: must be one of {choices} "
-                "(notebook = the user's four-conv net, paper = Fig. 2 of Krizhevsky et al. 2012)"
-            )
-        if not _is_int(self.downscale) or self.downscale < 1:
-            raise ValueError(
-                f"model.downscale={self.downscale!r}: must be a positive integer "
-                "(1 = the paper's widths, 16 = the notebook's first run)"
-            )
-        spec = ARCHS[self.arch]
-        for name, width in zip(_layer_names(spec), _paper_widths(spec)):
-            if width // self.downscale == 0:
-                largest = min(_paper_widths(spec))
-                raise ValueError(
-                    f"model.downscale={self.downscale} leaves {name} with no channels "
-                    f"({width} // {self.downscale} = 0); use a downscale of at most {largest}"
-                )
-        if (
-            not isinstance(self.dropout, (int, float))
-            or isinstance(self.dropout, bool)
-            or not 0.0 <= self.dropout < 1.0
-        ):
-            raise ValueError(
-                f"model.dropout={self.dropout!r}: must be a number in [0, 1) (0 = off, 0.5 = the paper)"
-            )
-        if not _is_int(self.in_channels) or self.in_channels < 1:
-            raise ValueError(
-                f"model.in_channels={self.in_channels!r}: must be a positive integer "
-                "(1 = grayscale, 3 = RGB)"
-            )
-        if not _is_int(self.num_classes) or self.num_classes < 2:
-            raise ValueError(
-                f"model.num_classes={self.num_classes!r}: must be an integer >= 2 "
-                "(the number of classes in the data)"
-            )
-        if not isinstance(self.lrn, bool):
-            raise ValueError(f"model.lrn={self.lrn!r}: must be true or false")
+    in_channels: int = setting(1, ge=1, hint="1 = grayscale, 3 = RGB")
+    num_classes: int = setting(2, ge=2, hint="the number of classes in the data")
 
 
 def layer_widths(config: AlexNetConfig) -> dict[str, int]:

@@ -6,10 +6,12 @@ holds run dirs (``python train.py -m ...``). :func:`write_report` writes ``repor
 returns the interactive figure, so a notebook shows it as the user's notebook did:
 ``iplot(plot_training_stats("outputs/multirun/..."))``.
 
-Runs that share a config except for ``seed`` form one *experiment*: the report gives the
-mean and spread of its metrics, and the curves draw its mean with a band of one standard
-deviation. matplotlib and plotly are imported only when a figure is drawn, so that the
-training process can import :func:`verdicts` cheaply.
+What names a run, which runs are the same and what differs between two runs is
+:mod:`alexnet_lab.identity`'s; this module reads run dirs and draws. Runs that share a config
+except for ``seed`` form one *experiment*: the report gives the mean and spread of its
+metrics, and the curves draw its mean with a band of one standard deviation. matplotlib and
+plotly are imported only when a figure is drawn, so that importing this module (the Hydra
+callback does, in every sweep) stays cheap.
 """
 
 from __future__ import annotations
@@ -21,27 +23,26 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from alexnet_lab.errors import LabError, from_mapping
+from alexnet_lab.identity import (
+    FINISHED, config_diff, experiment_key, flatten, natural_key, read_overrides, run_name, strip_common, without_seed
+)
 from alexnet_lab.verdicts import VERDICTS, VerdictThresholds, describe_verdicts, verdicts
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-#: Config keys that do not change what is learned (names, paths, progress switches); left out of
-#: "what differs" and of grouping runs into experiments. ``verdicts.*`` and ``hydra.*`` likewise.
-IGNORED_KEYS = frozenset(
-    {
-        "run_name", "resume", "data.raw_dir", "data.cache_dir", "data.progress", "data.workers",
-        "trainer.enable_progress_bar",
-    }
-)
-IGNORED_PREFIXES = ("verdicts.", "hydra.")
+#: What Hydra puts before the run name in a run dir's name: a sweep job's number ("3_"), or
+#: the date and time of a single run ("2024-05-01_12-00-00-123456_").
+DIR_PREFIX = re.compile(r"^(?:(\d+)|\d{4}-\d\d-\d\d_[\d-]+)_")
 
 #: tab10, then tab20's lighter shades: 20 colours that stay apart on a white background.
 PALETTE = (
@@ -63,12 +64,10 @@ RUN_COLUMNS = (
     ("verdicts", "verdicts"),
     ("status", "status"),
 )
-#: metrics.json statuses of runs whose numbers count (train.py stops a blown-up run as "diverged").
-FINISHED_STATUSES = ("ok", "diverged")
 METRIC_KEYS = ("val_acc_best", "val_acc", "val_balanced_acc", "test_acc", "test_balanced_acc", "epochs", "wall_s")
 
 
-class ReportError(ValueError):
+class ReportError(LabError):
     """A path that holds no runs to report on; the message is one line naming it."""
 
 
@@ -86,6 +85,7 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # flattened config: {"model.downscale": 16, ...}
     choices: dict[str, str] = field(default_factory=dict)  # config group choices: {"optim": "adam", ...}
+    thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)  # the run's own ``verdicts`` block
     verdicts: list[str] = field(default_factory=list)
 
     @property
@@ -96,28 +96,19 @@ class Run:
     @property
     def finished(self) -> bool:
         """Trained to the end (``ok``, or stopped as ``diverged``) with its numbers in metrics.json."""
-        return self.status in FINISHED_STATUSES and "history" in self.metrics
+        return self.status in FINISHED and "history" in self.metrics
 
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"downscale": 16}}`` -> ``{"model.downscale": 16}``; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    @property
+    def order(self) -> tuple[Any, ...]:
+        """Report order: the ablation step, then Hydra's job number (single run dirs last)."""
+        # the step first: Hydra numbers a glob(ablation_*) sweep's jobs in string order, ablation_10 before ablation_2
+        job = DIR_PREFIX.match(self.path.name)
+        number = int(job.group(1)) if job and job.group(1) else math.inf
+        return natural_key(self.choices.get("experiment", "")), number, self.path.name
 
 
 def is_run_dir(path: Path) -> bool:
     return (path / "metrics.json").is_file() or (path / ".hydra").is_dir()
-
-
-def _run_order(path: Path) -> tuple[int, int, str]:
-    # sweep job dirs start with Hydra's job number ("10_..." after "9_..."); run dirs with a date
-    match = re.match(r"(\d+)_", path.name)
-    return (0, int(match.group(1)), path.name) if match else (1, 0, path.name)
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:
@@ -129,7 +120,7 @@ def find_run_dirs(path: str | Path) -> list[Path]:
         raise ReportError(f"{path}: no such directory; pass a run dir or a sweep dir (outputs/multirun/...)")
     if is_run_dir(path):
         return [path]
-    runs = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=_run_order)
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))
     if not runs:
         raise ReportError(f"{path}: holds no run dirs (a run dir has metrics.json or .hydra/); pass a run or sweep dir")
     return runs
@@ -146,9 +137,15 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _label_from_dir(name: str) -> str:
-    # "3_ablation_3_augmented" (sweep job) or "2024-05-01_12-00-00-123456_default" (single run)
-    return re.sub(r"^(\d+_|\d{4}-\d\d-\d\d_[\d-]+_)", "", name) or name
+def _label(path: Path, metrics: Mapping[str, Any]) -> str:
+    """The run's name as identity gives it from its overrides; else metrics.json's; else the dir name's."""
+    overrides = read_overrides(path)
+    if overrides is not None:
+        return run_name(overrides)
+    name = metrics.get("run_name")
+    if isinstance(name, str) and name and "${" not in name:
+        return name
+    return DIR_PREFIX.sub("", path.name) or path.name
 
 
 def load_run(path: str | Path) -> Run:
@@ -171,16 +168,20 @@ def load_run(path: str | Path) -> Run:
             error = str(metrics.get("error", ""))
         except (OSError, ValueError) as err:
             metrics, status, error = {}, "unreadable metrics.json", str(err).splitlines()[0]
-    name = metrics.get("run_name") or config.get("run_name")
-    label = name if isinstance(name, str) and "${" not in name else _label_from_dir(path.name)
+    try:
+        thresholds = from_mapping(VerdictThresholds, config.get("verdicts"), "verdicts")
+    except (TypeError, ValueError):  # a damaged thresholds block: judge by the defaults
+        thresholds = VerdictThresholds()
     run = Run(
         path=path,
-        label=label,
+        label=_label(path, metrics),
         status=status,
         error=error,
         metrics=metrics,
         config=flatten(config),
-        choices={str(k): str(v) for k, v in choices.items() if not str(k).startswith("hydra/")},
+        # a group left unchosen (``experiment: null``) is no choice
+        choices={str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra/")},
+        thresholds=thresholds,
     )
     # recomputed with the run's own thresholds, so that every run of a report follows today's
     # rules; metrics.json's list stands in only where there is no history to judge
@@ -188,91 +189,32 @@ def load_run(path: str | Path) -> Run:
     if not run.history and isinstance(stored, list):
         run.verdicts = [str(v) for v in stored]
     else:
-        try:
-            run.verdicts = verdicts(run.history, config.get("verdicts"))
-        except ValueError:  # a damaged thresholds block: judge by the defaults
-            run.verdicts = verdicts(run.history)
+        run.verdicts = verdicts(run.history, thresholds)
     if run.status == "diverged" and "diverged" not in run.verdicts:  # stopped by train.py's guard
         run.verdicts = [name for name in VERDICTS if name in run.verdicts or name == "diverged"]
     return run
 
 
+def one_per_seed(runs: Sequence[Run]) -> list[Run]:
+    """Drop repeats (same experiment, same ``seed``: one run done twice), keeping the finished, else the later one.
+
+    Runs whose config is unknown are all kept: nothing says they are the same.
+    """
+    chosen: dict[Any, Run] = {}
+    for run in runs:
+        key = (experiment_key(run), repr(run.config.get("seed"))) if run.config else id(run)
+        if key not in chosen or run.finished or not chosen[key].finished:
+            chosen[key] = run
+    kept = {id(run) for run in chosen.values()}
+    return [run for run in runs if id(run) in kept]
+
+
 def load_runs(path: str | Path) -> list[Run]:
-    """Every run under ``path`` (a run dir, a sweep dir, or a metrics.json), in job order."""
-    return [load_run(p) for p in find_run_dirs(path)]
+    """Every run under ``path`` (a run dir, a sweep dir, or a metrics.json) once, in :attr:`Run.order`."""
+    return one_per_seed(sorted((load_run(p) for p in find_run_dirs(path)), key=lambda run: run.order))
 
 
 # --------------------------------------------------------------------------- tables
-
-
-def split_label(label: str) -> list[str]:
-    """Split a run name at the commas between overrides, not those inside ``{...}`` or ``[...]``."""
-    parts, depth, current = [], 0, ""
-    for char in label:
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return [part for part in parts if part]
-
-
-def strip_common(labels: Sequence[str]) -> list[str]:
-    """Drop the overrides that every label shares (``trainer.max_epochs=1`` on a whole sweep)."""
-    if len(labels) < 2:
-        return list(labels)
-    split = [split_label(label) for label in labels]
-    common = set(split[0]).intersection(*split[1:])
-    return [",".join(p for p in parts if p not in common) or label for parts, label in zip(split, labels)]
-
-
-def _without_seed(label: str) -> str:
-    return ",".join(part for part in split_label(label) if not part.startswith("seed=")) or "default"
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def _ignored(key: str) -> bool:
-    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
-
-
-def config_diff(previous: Run | None, run: Run, *, ignore: Sequence[str] = ()) -> str:
-    """What differs in ``run``'s config from ``previous``'s, as overrides: ``data.balance=true, optim=sgd``.
-
-    A changed config group shows as ``group=choice``; the keys that come with it (present on
-    one side only, or the group's ``name``) are implied by it and left out.
-    """
-    if previous is None or not previous.config or not run.config:
-        return ""  # the first run, or a run whose .hydra/config.yaml is missing: nothing to compare
-    changed_groups = [
-        group
-        for group in sorted(set(previous.choices) | set(run.choices))
-        if group != "experiment" and previous.choices.get(group) != run.choices.get(group)
-    ]
-    parts = [f"{group}={run.choices.get(group)}" for group in changed_groups]
-    missing = object()
-    for key in sorted(set(previous.config) | set(run.config)):
-        if _ignored(key) or key in ignore:
-            continue
-        old, new = previous.config.get(key, missing), run.config.get(key, missing)
-        if old == new and type(old) is type(new):
-            continue
-        in_changed_group = any(key.startswith(f"{group}.") for group in changed_groups)
-        if in_changed_group and (old is missing or new is missing or key.rsplit(".", 1)[-1] == "name"):
-            continue
-        parts.append(f"~{key}" if new is missing else f"{key}={_format_value(new)}")
-    return ", ".join(parts)
 
 
 def _number(metrics: Mapping[str, Any], key: str) -> float:
@@ -309,29 +251,23 @@ class Experiment:
     def finished(self) -> list[Run]:
         return [run for run in self.runs if run.finished]
 
+    @cached_property
+    def curves(self) -> dict[str, Curve]:
+        """The curve of every plotted history key (``train/loss``, ``val/acc``, ...), computed once for all figures."""
+        keys = [f"{split}/{suffix}" for _, suffix in PANELS for split, _, _ in SPLITS]
+        return {key: experiment_curve(self, key) for key in keys}
+
 
 def group_runs(runs: Sequence[Run]) -> list[Experiment]:
-    """Group runs whose configs differ only in ``seed`` (and ignored keys), in order of first appearance."""
+    """Group runs whose configs differ only in ``seed`` (and unlearned keys), in order of first appearance."""
     groups: dict[Any, Experiment] = {}
     for run in runs:
-        if run.config:
-            key: Any = tuple(
-                sorted((k, repr(v)) for k, v in run.config.items() if not _ignored(k) and k != "seed")
-            ) + tuple(sorted(run.choices.items()))
-        else:  # no resolved config: fall back on the name
-            key = _without_seed(run.label)
-        groups.setdefault(key, Experiment(label=_without_seed(run.label), runs=[])).runs.append(run)
+        key = experiment_key(run) if run.config else without_seed(run.label)  # no resolved config: by name
+        groups.setdefault(key, Experiment(label=without_seed(run.label), runs=[])).runs.append(run)
     experiments = list(groups.values())
     for experiment, label in zip(experiments, strip_common([e.label for e in experiments])):
         experiment.label = label
     return experiments
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = np.array([v for v in values if math.isfinite(v)], dtype=float)
-    if not finite.size:
-        return math.nan, math.nan
-    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else math.nan
 
 
 def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
@@ -346,8 +282,10 @@ def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
             "finished": len(finished),
             "differs": config_diff(previous, experiment.runs[0], ignore=("seed",)),
         }
-        for key in METRIC_KEYS:
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([_number(run.metrics, key) for run in finished])
+        table = np.array([[_number(run.metrics, key) for key in METRIC_KEYS] for run in finished])  # (runs, keys)
+        means, stds = _mean_std(table.reshape(-1, len(METRIC_KEYS)))
+        for key, mean, std in zip(METRIC_KEYS, means, stds):
+            row[f"{key}_mean"], row[f"{key}_std"] = float(mean), float(std)
         counts = {name: sum(name in run.verdicts for run in finished) for name in VERDICTS}
         row["verdicts"] = ", ".join(
             f"{name} {count}/{len(finished)}" if len(finished) > 1 else name for name, count in counts.items() if count
@@ -356,7 +294,101 @@ def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
     return rows
 
 
-# --------------------------------------------------------------------------- writers
+# --------------------------------------------------------------------------- curves
+
+#: (panel, history key suffix); each panel shows train (dashed) and val (solid).
+PANELS = (("loss", "loss"), ("accuracy", "acc"))
+SPLITS = (("train", "--", "dash"), ("val", "-", "solid"))  # (split, matplotlib style, plotly dash)
+
+
+@dataclass
+class Curve:
+    """One experiment's per-epoch mean (and std over seeds) of one history key."""
+
+    epochs: np.ndarray  # (E,) 1-based
+    mean: np.ndarray  # (E,)
+    std: np.ndarray  # (E,) NaN where fewer than two runs
+
+
+def _mean_std(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation over runs (axis 0) of the finite values of a (runs, N) table.
+
+    NaN where no run has a finite value (std: fewer than two); an inf loss would swamp the
+    mean, and its verdict reports it anyway.
+    """
+    table = np.where(np.isfinite(table), table, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, as they should
+        counts = np.isfinite(table).sum(axis=0)
+        return np.nanmean(table, axis=0), np.where(counts > 1, np.nanstd(table, axis=0, ddof=1), np.nan)
+
+
+def experiment_curve(experiment: Experiment, key: str) -> Curve:
+    """Mean and spread over the experiment's runs of ``key`` per epoch; runs of different length pad with NaN."""
+    series = [[float(row.get(key, math.nan)) for row in run.history] for run in experiment.runs if run.history]
+    length = max((len(s) for s in series), default=0)
+    table = np.full((len(series), length), np.nan)  # (runs, epochs)
+    for i, values in enumerate(series):
+        table[i, : len(values)] = values
+    mean, std = _mean_std(table)
+    return Curve(epochs=np.arange(1, length + 1), mean=mean, std=std)
+
+
+def _accuracy_floor(experiments: Sequence[Experiment]) -> float:
+    """Bottom of the accuracy axis: 0.4 (just under a coin toss) unless some curve goes lower."""
+    lowest = [
+        float(np.nanmin(curve.mean))
+        for experiment in experiments
+        for split, _, _ in SPLITS
+        if (curve := experiment.curves[f"{split}/acc"]).mean.size and np.isfinite(curve.mean).any()
+    ]
+    return max(0.0, math.floor(min([0.45, *lowest]) * 10 - 0.5) / 10)
+
+
+def _legend_label(experiment: Experiment) -> str:
+    finished = experiment.finished
+    if not finished:
+        return f"{experiment.label} ({experiment.runs[0].status})"
+    shared = [name for name in VERDICTS if sum(name in run.verdicts for run in finished) * 2 > len(finished)]
+    seeds = f" ×{len(experiment.runs)}" if len(experiment.runs) > 1 else ""
+    return f"{experiment.label}{seeds}" + (f": {', '.join(shared)}" if shared else "")
+
+
+# --------------------------------------------------------------------------- the report's content
+
+
+@dataclass
+class Report:
+    """What every renderer shows (markdown, CSV, HTML, PNG, plotly), computed once by :func:`build_report`."""
+
+    title: str
+    runs: list[Run]
+    rows: list[dict[str, Any]]  # run_rows(runs)
+    experiments: list[Experiment]  # group_runs(runs); each holds its curves
+    experiment_rows: list[dict[str, Any]]
+    accuracy_floor: float  # bottom of the accuracy axis in both figures
+
+    @property
+    def has_seeds(self) -> bool:
+        """Whether some experiment has several runs (then the report adds the per-experiment table)."""
+        return any(len(experiment.runs) > 1 for experiment in self.experiments)
+
+    @property
+    def rules(self) -> dict[str, str]:
+        """The verdict rules, with the first run's thresholds filled in."""
+        return describe_verdicts(self.runs[0].thresholds if self.runs else None)
+
+
+def build_report(source: str | Path | Sequence[Run] | Report, title: str = "") -> Report:
+    """The report on ``source``: a run dir, a sweep dir, a metrics.json, or runs from :func:`load_runs`."""
+    if isinstance(source, Report):
+        return source
+    runs = load_runs(source) if isinstance(source, (str, Path)) else list(source)
+    experiments = group_runs(runs)
+    return Report(title, runs, run_rows(runs), experiments, experiment_rows(experiments), _accuracy_floor(experiments))
+
+
+# --------------------------------------------------------------------------- tables as text
 
 
 def _cell(value: Any, key: str = "") -> str:
@@ -365,12 +397,6 @@ def _cell(value: Any, key: str = "") -> str:
             return "—"
         return f"{value:.0f}" if key in ("wall_s", "epochs") else f"{value:.3f}"
     return str(value).replace("|", "\\|") or "—"
-
-
-def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _run_table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -396,39 +422,35 @@ def _experiment_table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], 
     return headers, cells
 
 
-def report_markdown(runs: Sequence[Run], title: str = "") -> str:
+SEEDS_HEADING = "Per experiment: mean ± standard deviation over seeds"
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(report: Report) -> str:
     """report.md: the run table, the per-experiment table when there are seeds, the curves, the verdict rules."""
-    rows = run_rows(runs)
-    experiments = group_runs(runs)
-    parts = [f"# Sweep report: {title}" if title else "# Sweep report", ""]
-    parts += [f"{len(runs)} runs, {sum(run.finished for run in runs)} finished.", ""]
-    parts += [_markdown_table(*_run_table_cells(rows)), ""]
-    if any(len(e.runs) > 1 for e in experiments):
-        parts += ["## Per experiment: mean ± standard deviation over seeds", ""]
-        parts += [_markdown_table(*_experiment_table_cells(experiment_rows(experiments))), ""]
+    parts = [f"# Sweep report: {report.title}" if report.title else "# Sweep report", ""]
+    parts += [f"{len(report.runs)} runs, {sum(run.finished for run in report.runs)} finished.", ""]
+    parts += [_markdown_table(*_run_table_cells(report.rows)), ""]
+    if report.has_seeds:
+        parts += [f"## {SEEDS_HEADING}", "", _markdown_table(*_experiment_table_cells(report.experiment_rows)), ""]
     parts += ["![loss and accuracy per epoch](curves.png)", "", "Interactive curves: report.html.", ""]
     parts += ["## Verdicts", ""]
-    thresholds = _thresholds_of(runs)
-    parts += [f"- `{name}`: {text}" for name, text in describe_verdicts(thresholds).items()]
+    parts += [f"- `{name}`: {text}" for name, text in report.rules.items()]
     return "\n".join(parts) + "\n"
 
 
-def _thresholds_of(runs: Sequence[Run]) -> VerdictThresholds:
-    config = runs[0].config if runs else {}
-    block = {key.removeprefix("verdicts."): value for key, value in config.items() if key.startswith("verdicts.")}
-    try:
-        return VerdictThresholds.from_mapping(block)
-    except ValueError:
-        return VerdictThresholds()
-
-
-def report_csv(runs: Sequence[Run]) -> str:
+def report_csv(report: Report) -> str:
     """report.csv: one row per run, full precision, empty cells for missing numbers."""
     buffer = io.StringIO()
     keys = [key for key, _ in RUN_COLUMNS] + ["error", "dir"]
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
-    for row in run_rows(runs):
+    for row in report.rows:
         writer.writerow({key: _csv_value(key, value) for key, value in row.items()})
     return buffer.getvalue()
 
@@ -447,90 +469,54 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def report_html(runs: Sequence[Run], title: str = "") -> str:
+def report_html(report: Report) -> str:
     """report.html: the tables and the interactive curves, plotly.js embedded so it opens offline."""
-    experiments = group_runs(runs)
-    tables = _html_table(*_run_table_cells(run_rows(runs)))
-    if any(len(e.runs) > 1 for e in experiments):
-        tables += "<h2>Per experiment: mean ± standard deviation over seeds</h2>"
-        tables += _html_table(*_experiment_table_cells(experiment_rows(experiments)))
-    figure = plot_training_stats(runs).to_html(full_html=False, include_plotlyjs=True)
-    rules = describe_verdicts(_thresholds_of(runs))
-    rules_html = "".join(f"<li><code>{name}</code>: {html.escape(text)}</li>" for name, text in rules.items())
+    tables = _html_table(*_run_table_cells(report.rows))
+    if report.has_seeds:
+        tables += f"<h2>{SEEDS_HEADING}</h2>" + _html_table(*_experiment_table_cells(report.experiment_rows))
+    figure = plot_training_stats(report).to_html(full_html=False, include_plotlyjs=True)
+    rules = "".join(f"<li><code>{name}</code>: {html.escape(text)}</li>" for name, text in report.rules.items())
     style = (
         "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
     )
+    title = html.escape(report.title)
     return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body><h1>Sweep report: {html.escape(title)}</h1>"
-        f"{tables}{figure}<h2>Verdicts</h2><ul>{rules_html}</ul></body></html>\n"
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{style}</style></head><body><h1>Sweep report: {title}</h1>"
+        f"{tables}{figure}<h2>Verdicts</h2><ul>{rules}</ul></body></html>\n"
     )
 
 
-# --------------------------------------------------------------------------- curves
-
-#: (panel, history key suffix); each panel shows train (dashed) and val (solid).
-PANELS = (("loss", "loss"), ("accuracy", "acc"))
-SPLITS = (("train", "--", "dash"), ("val", "-", "solid"))  # (split, matplotlib style, plotly dash)
+# --------------------------------------------------------------------------- figures
 
 
-@dataclass
-class Curve:
-    """One experiment's per-epoch mean (and std over seeds) of one history key."""
-
-    epochs: np.ndarray  # (E,) 1-based
-    mean: np.ndarray  # (E,)
-    std: np.ndarray  # (E,) NaN where fewer than two runs
-
-
-def experiment_curve(experiment: Experiment, key: str) -> Curve:
-    """Mean and spread over the experiment's runs of ``key`` per epoch; runs of different length pad with NaN."""
-    series = [[float(row.get(key, math.nan)) for row in run.history] for run in experiment.runs if run.history]
-    length = max((len(s) for s in series), default=0)
-    table = np.full((len(series), length), np.nan)  # (runs, epochs)
-    for i, values in enumerate(series):
-        table[i, : len(values)] = values
-    table[~np.isfinite(table)] = np.nan  # an inf loss would swamp the mean; the verdict reports it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN epochs give NaN, as they should
-        mean = np.nanmean(table, axis=0) if length else np.zeros(0)
-        counts = np.isfinite(table).sum(axis=0)
-        std = np.where(counts > 1, np.nanstd(table, axis=0, ddof=1), np.nan) if length else np.zeros(0)
-    return Curve(epochs=np.arange(1, length + 1), mean=mean, std=std)
+def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` via a temporary file, so a reader never sees half a report or picture."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+    return path
 
 
-def _legend_label(experiment: Experiment) -> str:
-    finished = experiment.finished
-    if not finished:
-        return f"{experiment.label} ({experiment.runs[0].status})"
-    shared = [name for name in VERDICTS if sum(name in run.verdicts for run in finished) * 2 > len(finished)]
-    seeds = f" ×{len(experiment.runs)}" if len(experiment.runs) > 1 else ""
-    return f"{experiment.label}{seeds}" + (f": {', '.join(shared)}" if shared else "")
-
-
-def _as_runs(source: str | Path | Sequence[Run]) -> list[Run]:
-    return load_runs(source) if isinstance(source, (str, Path)) else list(source)
-
-
-def plot_training_stats(source: str | Path | Sequence[Run]) -> go.Figure:
+def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figure:
     """Interactive loss and accuracy per epoch, train dashed and val solid, one colour per experiment.
 
-    ``source`` is a run dir, a sweep dir, a metrics.json, or runs from :func:`load_runs`.
-    Seeds of one experiment draw as their mean with a band of one standard deviation.
-    In a notebook: ``plotly.offline.iplot(plot_training_stats(path))`` or just the figure.
+    ``source`` is a run dir, a sweep dir, a metrics.json, runs from :func:`load_runs`, or a
+    :class:`Report`. Seeds of one experiment draw as their mean with a band of one standard
+    deviation. In a notebook: ``plotly.offline.iplot(plot_training_stats(path))`` or just the figure.
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    experiments = group_runs(_as_runs(source))
+    report = build_report(source)
     figure = make_subplots(rows=1, cols=2, subplot_titles=("loss (log scale)", "accuracy"), horizontal_spacing=0.08)
-    for index, experiment in enumerate(experiments):
+    for index, experiment in enumerate(report.experiments):
         color = PALETTE[index % len(PALETTE)]
         label = _legend_label(experiment)
         for col, (panel, suffix) in enumerate(PANELS, start=1):
             for split, _, dash in SPLITS:
-                curve = experiment_curve(experiment, f"{split}/{suffix}")
+                curve = experiment.curves[f"{split}/{suffix}"]
                 finite = np.isfinite(curve.std)
                 if finite.any():
                     x = curve.epochs[finite]
@@ -540,7 +526,8 @@ def plot_training_stats(source: str | Path | Sequence[Run]) -> go.Figure:
                             x=np.concatenate([x, x[::-1]]),
                             y=np.concatenate([upper, lower[::-1]]),
                             fill="toself",
-                            fillcolor=_rgba(color, 0.12),
+                            fillcolor=color,
+                            opacity=0.12,
                             line={"width": 0},
                             hoverinfo="skip",
                             legendgroup=experiment.label,
@@ -566,7 +553,7 @@ def plot_training_stats(source: str | Path | Sequence[Run]) -> go.Figure:
                 )
     figure.update_xaxes(title_text="epoch")
     figure.update_yaxes(type="log", row=1, col=1)
-    figure.update_yaxes(range=[_accuracy_floor(experiments), 1.02], row=1, col=2)
+    figure.update_yaxes(range=[report.accuracy_floor, 1.02], row=1, col=2)
     figure.update_layout(
         title="train dashed, val solid; click a legend entry to hide a run",
         template="plotly_white",
@@ -577,41 +564,25 @@ def plot_training_stats(source: str | Path | Sequence[Run]) -> go.Figure:
     return figure
 
 
-def _accuracy_floor(experiments: Sequence[Experiment]) -> float:
-    """Bottom of the accuracy axis: 0.4 (just under a coin toss) unless some curve goes lower."""
-    lowest = [
-        float(np.nanmin(curve.mean))
-        for experiment in experiments
-        for split, _, _ in SPLITS
-        if (curve := experiment_curve(experiment, f"{split}/acc")).mean.size and np.isfinite(curve.mean).any()
-    ]
-    return max(0.0, math.floor(min([0.45, *lowest]) * 10 - 0.5) / 10)
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    red, green, blue = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({red},{green},{blue},{alpha})"
-
-
-def plot_curves_png(source: str | Path | Sequence[Run], path: str | Path, dpi: int = 100) -> Path:
+def plot_curves_png(source: str | Path | Sequence[Run] | Report, path: str | Path, dpi: int = 100) -> Path:
     """curves.png: the same two panels as :func:`plot_training_stats`, legend below, drawn without a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    experiments = group_runs(_as_runs(source))
+    report = build_report(source)
     legend_columns = 3
-    legend_rows = math.ceil((len(experiments) + 2) / legend_columns)
+    legend_rows = math.ceil((len(report.experiments) + 2) / legend_columns)
     figure = Figure(figsize=(12, 4.2 + 0.28 * legend_rows), layout="constrained")
     FigureCanvasAgg(figure)  # Agg, whatever backend pyplot uses: writing a PNG needs no display
     axes = figure.subplots(1, 2)
     handles = []
-    for index, experiment in enumerate(experiments):
+    for index, experiment in enumerate(report.experiments):
         color = PALETTE[index % len(PALETTE)]
         for ax, (_, suffix) in zip(axes, PANELS):
             for split, style, _ in SPLITS:
-                curve = experiment_curve(experiment, f"{split}/{suffix}")
+                curve = experiment.curves[f"{split}/{suffix}"]
                 marker = "o" if len(curve.epochs) == 1 else None  # a one-epoch run is a point, not a line
                 width = 1.8 if split == "val" else 1.2
                 ax.plot(curve.epochs, curve.mean, style, color=color, marker=marker, linewidth=width)
@@ -624,27 +595,20 @@ def plot_curves_png(source: str | Path | Sequence[Run], path: str | Path, dpi: i
         Line2D([], [], color="black", linestyle="-", linewidth=1.8, label="val"),
     ]
     axes[0].set(yscale="log", xlabel="epoch", title="loss (log scale)")
-    axes[1].set(ylim=(_accuracy_floor(experiments), 1.02), xlabel="epoch", title="accuracy")
+    axes[1].set(ylim=(report.accuracy_floor, 1.02), xlabel="epoch", title="accuracy")
     axes[1].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")  # a coin toss on two classes
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     figure.legend(handles=handles, loc="outside lower center", ncols=legend_columns, fontsize=9, frameon=False)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, dpi=dpi, format="png")
-    tmp.replace(path)
-    return path
+    return _replace(Path(path), lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
 
 
 # --------------------------------------------------------------------------- the report
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file, so a reader never sees half a report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_report(path: str | Path, *, html_report: bool = True) -> dict[str, Path]:
@@ -656,13 +620,12 @@ def write_report(path: str | Path, *, html_report: bool = True) -> dict[str, Pat
     out = Path(path)
     if out.is_file():
         out = out.parent
-    runs = load_runs(out)
-    title = out.name
+    report = build_report(load_runs(out), out.name)  # tables and curves once, for every file below
     written = {"report.md": out / "report.md", "report.csv": out / "report.csv", "curves.png": out / "curves.png"}
-    _write_text(written["report.md"], report_markdown(runs, title))
-    _write_text(written["report.csv"], report_csv(runs))
-    plot_curves_png(runs, written["curves.png"])
+    _write_text(written["report.md"], report_markdown(report))
+    _write_text(written["report.csv"], report_csv(report))
+    plot_curves_png(report, written["curves.png"])
     if html_report:
         written["report.html"] = out / "report.html"
-        _write_text(written["report.html"], report_html(runs, title))
+        _write_text(written["report.html"], report_html(report))
     return written

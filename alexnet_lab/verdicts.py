@@ -8,41 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from alexnet_lab.config import VerdictThresholds
+from alexnet_lab.errors import from_mapping
+
 VERDICTS = ("collapsed", "chance", "overfit", "diverged")
-
-
-@dataclass(frozen=True)
-class VerdictThresholds:
-    """Thresholds of :func:`verdicts`. conf/config.yaml's ``verdicts`` block holds the same defaults, documented."""
-
-    window: int = 5  # epochs at the end of the run that end-of-run values average over
-    collapsed_pred_frac: float = 0.95  # one class's share of val predictions
-    chance_margin: float = 0.05  # above 1/classes, in balanced accuracy
-    overfit_gap: float = 0.15  # train accuracy minus val accuracy
-    overfit_val_loss_rise: float = 0.25  # val loss rise (and train loss fall) after the val minimum, as a fraction
-    diverged_factor: float = 10.0  # times the first epoch's loss
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | VerdictThresholds | None) -> VerdictThresholds:
-        """Thresholds from a config block (a ``DictConfig`` works); unset keys keep their defaults."""
-        if values is None:
-            return cls()
-        if isinstance(values, cls):
-            return values
-        known = {f.name for f in fields(cls)}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"verdicts.{key}: unknown threshold; use one of {', '.join(sorted(known))}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"verdicts.{key}={value!r}: must be a number >= 0")
-        if "window" in values and (not isinstance(values["window"], int) or values["window"] < 1):
-            raise ValueError(f"verdicts.window={values['window']!r}: must be an integer >= 1 (epochs)")
-        return cls(**{key: values[key] for key in values})
 
 
 def describe_verdicts(thresholds: VerdictThresholds | None = None) -> dict[str, str]:
@@ -91,7 +64,7 @@ def verdicts(
     empty history. ``thresholds`` is conf/config.yaml's ``verdicts`` block or
     :class:`VerdictThresholds`; see :func:`describe_verdicts` for each rule.
     """
-    t = VerdictThresholds.from_mapping(thresholds)
+    t = from_mapping(VerdictThresholds, thresholds, "verdicts")
     if not history:
         return []
     found: set[str] = set()

@@ -65,8 +65,9 @@ from alexnet_lab.data.datamodule import (  # noqa: E402
 )
 from alexnet_lab.data.sampling import epoch_order, epoch_seed  # noqa: E402
 from alexnet_lab.data.preprocess import build_cache, scan_folder  # noqa: E402
-from alexnet_lab.module import AlexNetClassifier, keep_freed_host_memory  # noqa: E402
-from alexnet_lab.train import build_datamodule, train  # noqa: E402
+from alexnet_lab.cli import keep_freed_host_memory, load  # noqa: E402
+from alexnet_lab.module import AlexNetClassifier  # noqa: E402
+from alexnet_lab.train import train  # noqa: E402
 
 DOWNSCALES = (16, 8, 4)
 
@@ -262,13 +263,13 @@ class BareLoop:
         dm, cache = self.dm, self.dm.cache
         steps = StepClock(self.device)
         started, faults = wall(self.device), page_faults()
-        order = epoch_order(dm.train_idx, cache.labels, epoch=epoch, seed=dm.seed, balance=dm.balance)
+        order = epoch_order(dm.train_idx, cache.labels, epoch=epoch, seed=dm.seed, balance=dm.data.balance)
         generator = torch.Generator(device=self.device).manual_seed(epoch_seed(dm.seed, epoch))
         self.net.train()
-        for images, labels in self._batches("train", order, dm.batch_size):
+        for images, labels in self._batches("train", order, dm.data.batch_size):
             images, labels = to_float(images.to(self.device)), labels.to(self.device)
-            if dm.augment:
-                images = augment_in_chunks(images, dm.augment_config, generator)  # as the datamodule does
+            if dm.data.augment:
+                images = augment_in_chunks(images, dm.data.augmentation, generator)  # as the datamodule does
             steps.start()
             loss = F.cross_entropy(self._forward(images), labels)
             loss.backward()
@@ -300,8 +301,7 @@ def compare(cfg: Any, dm: ImageFolderDataModule, work: Path, device: torch.devic
                 light += measured
                 run_overhead.append(overhead)
             else:
-                if cfg.seed is not None:
-                    pl.seed_everything(cfg.seed, verbose=False)
+                pl.seed_everything(cfg.seed, verbose=False)
                 loop = BareLoop(dm, cfg, device)
                 bare += [loop.epoch(e) for e in range(epochs)][1:]  # the first is a warm-up, as above
     light_rate = statistics.median(e.rate for e in light)
@@ -345,7 +345,7 @@ def step_seconds(
 
     Also returns each variant's first round (a warm-up that is not counted: compilation, kernel choice).
     """
-    idx = dm.train_idx[: dm.batch_size]
+    idx = dm.train_idx[: dm.data.batch_size]
     images = to_float(torch.from_numpy(dm.cache.images[idx]).to(device))  # (B, C, S, S) in [0, 1]
     labels = torch.from_numpy(dm.cache.labels[idx]).to(device)
     nets = {}
@@ -533,7 +533,7 @@ def lightning_vs_bare(
             log(f"lightning vs bare: downscale {downscale}, augment {augment} ...")
             switches = [f"model.downscale={downscale}", f"data.augment={str(augment).lower()}"]
             cfg = compose([*base, *args.overrides, *switches])
-            dm.augment = augment
+            dm.data.augment = augment
             if args.wait_quiet:
                 wait_for_quiet(args.wait_quiet)
             found = compare(cfg, dm, work, device, rounds=1 if args.quick else 2)
@@ -551,7 +551,7 @@ def lightning_vs_bare(
             result.setdefault("page_faults_per_epoch", {})[f"{name}{suffix}"] = found["page_faults"]
             result.setdefault("other_processes_cores", {})[f"{name}{suffix}"] = found["others_cores"]
             rows.append((f"{name}{' aug' if augment else ''}", found))
-    dm.augment = False
+    dm.data.augment = False
     return result, rows
 
 
@@ -588,7 +588,7 @@ def main() -> None:
     started, others_started = time.perf_counter(), cpu_seconds_of_others()
     for name in ("pytorch_lightning", "lightning.pytorch"):  # its banners would fill the table
         logging.getLogger(name).setLevel(logging.WARNING)
-    keep_freed_host_memory()  # process-wide, as every run's module sets it up: the bare loop gets it too
+    keep_freed_host_memory()  # process-wide, as every command sets it up: the bare loop gets it too
 
     # the real default data set, where `python train.py` keeps it (git-ignored data/)
     base = [f"data.raw_dir={ROOT / 'data/synthetic/raw'}", f"data.cache_dir={ROOT / 'data/cache'}",
@@ -597,13 +597,13 @@ def main() -> None:
         base += ["+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]
     cfg = compose([*base, *args.overrides])
     log("data: preparing the embedded data set (generated and preprocessed on first use) ...")
-    dm = build_datamodule(cfg)
+    dm = ImageFolderDataModule(load(cfg).data, seed=cfg.seed)
     dm.prepare_data()
     dm.setup("fit")
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda" if cuda else "cpu")
     if args.quick:  # the bare loop sees as many batches as Lightning's limits let through
-        dm.train_idx = dm.train_idx[: 6 * dm.batch_size]
+        dm.train_idx = dm.train_idx[: 6 * dm.data.batch_size]
         dm.val_idx = dm.val_idx[: dm.eval_batch_size_on(device)]
 
     result: dict[str, Any] = {
@@ -612,8 +612,8 @@ def main() -> None:
         "lightning": pl.__version__,
         "threads": torch.get_num_threads(),
         "quick": args.quick,
-        "data": {"train_images": len(dm.train_idx), "val_images": len(dm.val_idx), "image_size": dm.image_size,
-                 "batch_size": dm.batch_size, "precision": str(cfg.trainer.precision)},
+        "data": {"train_images": len(dm.train_idx), "val_images": len(dm.val_idx), "image_size": dm.data.image_size,
+                 "batch_size": dm.data.batch_size, "precision": str(cfg.trainer.precision)},
     }
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
@@ -627,7 +627,7 @@ def main() -> None:
                 result.setdefault(key, {})[f"d{downscale}"] = value
         result["cpu_bf16"] = cpu_has_bf16() if device.type == "cpu" else None
         log("preprocessing vs the naive loop ...")
-        preprocess = preprocess_speed(Path(cfg.data.raw_dir), work, dm.image_size, files=200 if args.quick else None)
+        preprocess = preprocess_speed(Path(cfg.data.raw_dir), work, dm.data.image_size, files=200 if args.quick else None)
         result["preprocess_vs_naive"] = preprocess.pop("ratio")
         result["preprocess"] = preprocess
     finally:

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_lab.data.preprocess import build_cache, scan_folder
-from alexnet_lab.data.synthetic import DEFAULT_COUNTS, generate, spread
+from alexnet_lab.data.synthetic import SyntheticConfig, generate, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -217,12 +217,12 @@ def main() -> None:
     try:
         raw = args.raw_dir
         if raw is None:
-            counts = spread(args.images, DEFAULT_COUNTS)
+            counts = spread(args.images, SyntheticConfig().counts)  # the default data set's class ratio
             extra = {} if args.dirty else {"placeholders": 0, "broken": 0}
             raw = work / f"raw-{args.images}{'-dirty' if args.dirty else ''}"
             if not raw.exists():
                 print(f"generating {counts} into {raw} ...", flush=True)
-                generate(raw, counts, seed=0, progress=False, **extra)
+                generate(raw, SyntheticConfig(counts=counts, **extra), progress=False)
         for name in ("cache-1", "cache-n"):
             shutil.rmtree(work / name, ignore_errors=True)
         if not args.skip_speed:

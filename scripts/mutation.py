@@ -30,7 +30,7 @@ CORE = (
     "alexnet_lab.metrics.*",
     "alexnet_lab.verdicts.*",
     "alexnet_lab.data.sampling.*",
-    "alexnet_lab.run_state.x_finished_metrics*",
+    "alexnet_lab.identity.*",
     "alexnet_lab.report.x_config_diff*",
     "alexnet_lab.report.x_run_rows*",
     "alexnet_lab.report.x_experiment_rows*",

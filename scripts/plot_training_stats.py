@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alexnet_lab.report import ReportError, write_report
+from alexnet_lab.errors import LabError, fail, one_line
+from alexnet_lab.report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = write_report(args.path, html_report=not args.no_html)
-    except (ReportError, OSError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (LabError, OSError) as err:  # no runs there, or a report file that cannot be written
+        fail(one_line(err))
     print(written["report.md"].read_text(encoding="utf-8"))
     for path in written.values():
         print(f"wrote {path}")

@@ -19,7 +19,7 @@ def compose_config(*overrides: str):
     """The real config tree with overrides, as `python train.py` would see it (run_name fixed)."""
     from hydra import compose, initialize_config_dir
 
-    import alexnet_lab.train  # noqa: F401  (registers the run_label resolver)
+    import alexnet_lab.cli  # noqa: F401  (registers the config schema and the run_name resolver)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=["run_name=test", *overrides])
@@ -39,6 +39,14 @@ def tiny_overrides(tmp_path: Path, *, epochs: int = 1, counts: str = "{cat:18,do
         "trainer.enable_progress_bar=false",
         "trainer.accelerator=cpu",
     ]
+
+
+def small_data(raw: Path, tmp_path: Path, **settings):
+    """The ``data`` config of a small raw folder: 64 px, one worker, quiet, the cache in tmp_path."""
+    from alexnet_lab.config import DataConfig
+
+    return DataConfig(raw_dir=str(raw), cache_dir=str(tmp_path / "cache"), **{
+        "image_size": 64, "workers": 1, "progress": False, **settings})
 
 
 def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -6,9 +6,10 @@ import csv
 import json
 
 import pytest
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from alexnet_lab.report import flatten
+from alexnet_lab.identity import flatten
 from alexnet_lab.verdicts import VERDICTS
 from conftest import CONF_DIR, compose_config, run_train, tiny_overrides
 
@@ -86,7 +87,10 @@ def test_each_step_is_cumulative_key_by_key(step):
 def test_command_line_overrides_win_over_the_experiment():
     assert compose_config("experiment=ablation_7_long", "trainer.max_epochs=2").trainer.max_epochs == 2
     assert compose_config("experiment=ablation_8_sgd", "optim.lr=0.05").optim.lr == 0.05
-    assert compose_config("experiment=ablation_8_sgd", "optim=adam").optim.name == "Adam"
+    assert compose_config("experiment=ablation_7_long", "optim=sgd").optim.name == "SGD"
+    # the SGD step spells out momentum, which Adam does not take: an error at once, not a crash after the data work
+    with pytest.raises(ConfigCompositionException, match="optim.momentum|momentum"):
+        compose_config("experiment=ablation_8_sgd", "optim=adam")
     assert compose_config("experiment=ablation_4_downscale8", "model.downscale=16").model.downscale == 16
 
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from alexnet_lab.data.datamodule import ImageFolderDataModule
+from alexnet_lab.errors import DataError
+from conftest import small_data
 from alexnet_lab.data.sampling import EpochBatchSampler, epoch_order, stratified_split
 
 # the notebook's imbalance: 1127 cats, 791 dogs
@@ -92,9 +94,7 @@ def test_eval_sampler_keeps_order():
 
 def test_datamodule_gives_uint8_batches_and_float_on_the_device(make_raw, tmp_path):
     raw = make_raw({"cat": 14, "dog": 9})
-    dm = ImageFolderDataModule(
-        raw, tmp_path / "cache", image_size=64, batch_size=4, workers=1, progress=False, augment=True
-    )
+    dm = ImageFolderDataModule(small_data(raw, tmp_path, batch_size=4, augment=True))
     dm.prepare_data()
     dm.setup("fit")
     assert dm.classes == ["cat", "dog"] and dm.in_channels == 1
@@ -124,9 +124,7 @@ def test_datamodule_gives_uint8_batches_and_float_on_the_device(make_raw, tmp_pa
 
 def test_balanced_datamodule_epoch_has_equal_classes(make_raw, tmp_path):
     raw = make_raw({"cat": 30, "dog": 10})
-    dm = ImageFolderDataModule(
-        raw, tmp_path / "cache", image_size=64, batch_size=5, balance=True, workers=1, progress=False
-    )
+    dm = ImageFolderDataModule(small_data(raw, tmp_path, batch_size=5, balance=True))
     dm.setup("fit")
     labels = torch.cat([y for _, y in dm.train_dataloader()])
     train_dogs = int((dm.cache.labels[dm.train_idx] == 1).sum())
@@ -134,9 +132,7 @@ def test_balanced_datamodule_epoch_has_equal_classes(make_raw, tmp_path):
 
 
 def test_a_split_without_a_class_is_a_clear_error(make_raw, tmp_path):
-    from alexnet_lab.data.preprocess import DataError
-
     raw = make_raw({"cat": 10, "dog": 2})
-    dm = ImageFolderDataModule(raw, tmp_path / "cache", image_size=64, workers=1, progress=False)
+    dm = ImageFolderDataModule(small_data(raw, tmp_path))
     with pytest.raises(DataError, match="dog"):
         dm.setup("fit")

@@ -13,25 +13,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from alexnet_lab import inference
-from alexnet_lab.data.preprocess import DataError
+from alexnet_lab.callbacks import keep_most_confident_wrong
+from alexnet_lab.data.datamodule import ImageFolderDataModule
+from alexnet_lab.errors import CheckpointError, ConfigError, DataError
 from alexnet_lab.inference import (
-    CheckpointError,
     evaluate_folder,
     evaluate_split,
     find_checkpoint,
     format_predictions,
     load_trained,
     predict,
+    run_data_config,
     split_path_arguments,
     write_predictions_csv,
 )
-from alexnet_lab.module import keep_most_confident_wrong
 from alexnet_lab.train import train
 from conftest import ROOT, compose_config, tiny_overrides
 
@@ -79,6 +81,53 @@ def test_eval_of_the_own_splits_equals_the_runs_metrics(trained_run):
     assert result.note == val.note == ""
 
 
+def test_eval_and_predict_run_through_lightning_and_agree(trained_run, monkeypatch):
+    calls = []
+    for name in ("test", "validate", "predict"):
+        def spy(self, *args, _run=getattr(pl.Trainer, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _run(self, *args, **kwargs)
+
+        monkeypatch.setattr(pl.Trainer, name, spy)
+    model = load_trained(trained_run, device="cpu")
+    result = evaluate_split(model, "test")
+    evaluate_split(model, "val")
+    assert calls == ["test", "validate"]
+    # the module's own metric code: its confusion matrix is the Evaluation's, its numbers metrics.json's
+    assert result.confusion.tolist() == model.module.last_confusion["test"].tolist()
+    metrics = _metrics(trained_run)
+    assert result.acc == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert result.per_class_recall == pytest.approx(metrics["per_class_recall"], abs=1e-6)
+
+    # the same test images as files, through Trainer.predict: the same answers
+    datamodule = ImageFolderDataModule(run_data_config(model))
+    datamodule.setup("test")
+    cache = datamodule.cache
+    files = [datamodule.raw_dir / cache.files[i] for i in datamodule.test_idx]
+    predictions = predict(model, files, batch_size=3)
+    assert calls == ["test", "validate", "predict"] and all(row.ok for row in predictions)
+    confusion = np.zeros_like(result.confusion)
+    for i, row in zip(datamodule.test_idx, predictions):
+        confusion[cache.labels[i], model.classes.index(row.label)] += 1
+    assert confusion.tolist() == result.confusion.tolist()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_or_precision_that_is_not_there_fails_in_one_line(trained_run, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_trained(trained_run, device="cuda")
+    assert str(err.value) == "device=cuda: no GPU here; use device=auto or cpu"
+    for options, names in (({"precision": "8-bit"}, "precision=8-bit"), ({"device": "tpu:x"}, "device=tpu:x")):
+        with pytest.raises(ConfigError) as err:
+            predict(trained_run, [], **options)
+        assert str(err.value).startswith(names) and "\n" not in str(err.value)
+    result = _run("eval.py", [f"ckpt_path={trained_run}", "device=cuda"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: device=cuda: no GPU here; use device=auto or cpu"
+    ]
+
+
 def test_eval_says_when_the_runs_data_changed_since_training(trained_run, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(trained_run.parent / "raw", raw)
@@ -124,7 +173,7 @@ def test_folder_classes_are_matched_to_the_checkpoint_by_name(trained_run, make_
     assert as_trained.confusion.sum(axis=1).tolist() == [3, 2]  # rows: cat, dog
     # a cat image is now true class 1 ("cat"), and the unchanged outputs swap their names, not their columns
     assert reversed_eval.confusion.tolist() == as_trained.confusion[::-1].tolist()
-    for folders, says in (({"cat": 2, "horse": 2}, "'horse'"), ({"dog": 3}, "only 'dog'")):
+    for folders, says in (({"cat": 2, "horse": 2}, "'horse'"), ({"dog": 3}, "only one class ('dog')")):
         other = make_raw(folders, name="_".join(folders))
         with pytest.raises(DataError) as err:
             evaluate_folder(trained_run, other, cache_dir=cache, device="cpu")
@@ -210,7 +259,7 @@ def _variant(trained_run: Path, tmp_path: Path, case: str) -> Path:
         ("empty", "corrupted"),
         ("tensor", "not a Lightning checkpoint"),
         ("no_hparams", "not a Lightning checkpoint"),
-        ("other_width", "(6, 1, 11, 11) in the file but (12, 1, 11, 11)"),
+        ("other_width", "torch.Size([6, 1, 11, 11]) from checkpoint"),
         ("other_arch", "do not fit"),
         ("other_classes", "3 classes"),
     ],

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import torch
 
+from alexnet_lab.callbacks import RunState
 from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.data.sampling import epoch_order, epoch_seed
+from alexnet_lab.identity import finished_metrics
 from alexnet_lab.metrics import confusion_summary
 from alexnet_lab.report import Run, experiment_rows, group_runs, load_runs, run_rows
-from alexnet_lab.run_state import RunState, finished_metrics
 from alexnet_lab.verdicts import verdicts
 from alexnet_lab.train import train
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, small_data, tiny_overrides
 from test_report import make_run, with_changes
 
 # --------------------------------------------------------------------------- metrics
@@ -184,7 +185,7 @@ def test_dropout_is_reseeded_from_the_seed_and_the_epoch_at_each_epochs_first_ba
 
 
 def test_augmentation_generator_follows_the_seed_and_the_epoch(tmp_path):
-    datamodule = ImageFolderDataModule(raw_dir=tmp_path, cache_dir=tmp_path / "cache", seed=11)
+    datamodule = ImageFolderDataModule(small_data(tmp_path, tmp_path), seed=11)
     seen = {}
     for epoch in (0, 1, 6):
         datamodule.trainer = SimpleNamespace(current_epoch=epoch)

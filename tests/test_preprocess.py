@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zlib
 from collections import Counter
@@ -24,10 +25,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from filelock import FileLock
+
 from alexnet_lab.data import preprocess
 from conftest import run_train, tiny_overrides
+from alexnet_lab.data.folders import build_folder
 from alexnet_lab.data.preprocess import (
-    DataError,
     DiscardRules,
     build_cache,
     format_report,
@@ -36,6 +39,7 @@ from alexnet_lab.data.preprocess import (
     load_image,
     scan_folder,
 )
+from alexnet_lab.errors import ConfigError, DataError, from_mapping
 
 SIZE = 64  # the least the AlexNet stem accepts
 KEPT = "kept"
@@ -110,31 +114,45 @@ def jpeg_claiming(width: int, height: int) -> bytes:
 # ----------------------------------------------------------------------------- the dirty folder
 
 
+class DirtyFolder:
+    """A raw folder being filled with test cases, and the fate expected for each manifest path."""
+
+    def __init__(self, raw: Path) -> None:
+        self.raw = raw
+        self.expected: dict[str, str] = {}  # manifest path -> "kept" or its discard reason kind
+
+    def add(self, relative: str, content: bytes | Image.Image, expect: str, **params) -> Path:
+        path = self.raw / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Image.Image):
+            fmt = params.pop("format", None) or Image.registered_extensions()[path.suffix.lower()]
+            content = encoded(content, fmt, **params)
+        path.write_bytes(content)
+        self.expected[relative] = expect
+        return path
+
+
 def make_dirty_raw(root: Path) -> tuple[Path, dict[str, str], str]:
     """A raw folder with every case preprocessing must handle.
 
     Returns (raw_dir, expected, known_digest): expected maps each manifest path to "kept" or
     its discard reason kind; known_digest is the sha256 of the file to pass as a known placeholder.
     """
-    raw = root / "raw"
-    expected: dict[str, str] = {}
+    folder = DirtyFolder(root / "raw")
+    add_usable_images(folder)
+    known = add_placeholders(folder)
+    add_unreadable_files(folder)
+    add_files_that_are_not_data(folder)
+    return folder.raw, folder.expected, hashlib.sha256(known.read_bytes()).hexdigest()
 
-    def add(relative: str, content: bytes | Image.Image, expect: str, **params) -> Path:
-        path = raw / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Image.Image):
-            fmt = params.pop("format", None) or Image.registered_extensions()[path.suffix.lower()]
-            content = encoded(content, fmt, **params)
-        path.write_bytes(content)
-        expected[relative] = expect
-        return path
 
-    # ordinary photos
+def add_usable_images(folder: DirtyFolder) -> None:
+    """Images that are kept: ordinary photos, then valid but unusual ones."""
+    add = folder.add
     for i in range(4):
         add(f"cat/{i:03d}.jpg", gradient(80, 50, i), KEPT)
         add(f"dog/{i:03d}.png", gradient(50, 80, 10 + i), KEPT)
     add("dog/more/nested.jpg", gradient(60, 60, 9), KEPT)  # class folders are searched recursively
-
     # valid but unusual: all kept, converted
     add("cat/cmyk.jpg", gradient(80, 50, 40).convert("CMYK"), KEPT)
     palette = np.ones((50, 80), np.uint8)  # 0 = transparent (left half), 1 = white, 2 = red block
@@ -170,7 +188,10 @@ def make_dirty_raw(root: Path) -> tuple[Path, dict[str, str], str]:
     add("cat/dup_a.png", duplicate, KEPT)
     add("dog/dup_b.png", duplicate, KEPT)
 
-    # placeholders
+
+def add_placeholders(folder: DirtyFolder) -> Path:
+    """Repeated content, a known digest, a blank picture; returns the file whose digest is "known"."""
+    add = folder.add
     placeholder = encoded(gradient(90, 60, 28), "JPEG")
     for i in range(3):  # 6 copies across both classes >= min_copies 5
         add(f"cat/dl_{i}.jpg", placeholder, "placeholder: repeated content")
@@ -179,8 +200,12 @@ def make_dirty_raw(root: Path) -> tuple[Path, dict[str, str], str]:
     flat = np.full((60, 90), 200, np.uint8)
     flat[::7, ::5] = 201  # not exactly constant, still blank
     add("dog/blank.png", Image.fromarray(flat), "placeholder: near-constant image")
+    return known
 
-    # unreadable
+
+def add_unreadable_files(folder: DirtyFolder) -> None:
+    """Broken downloads: empty, truncated, corrupt, not an image, unsupported, decompression bombs."""
+    add, raw = folder.add, folder.raw
     add("cat/empty.jpg", b"", "unreadable: empty file")
     whole_jpeg, whole_png = (raw / "cat/000.jpg").read_bytes(), (raw / "dog/000.png").read_bytes()
     add("cat/truncated.jpg", whole_jpeg[: len(whole_jpeg) // 2], "unreadable: truncated")
@@ -199,7 +224,10 @@ def make_dirty_raw(root: Path) -> tuple[Path, dict[str, str], str]:
     # 100 M pixels: above the limit (89.5 M) but below twice it, where Pillow only warns
     add("dog/bomb_small.png", png_claiming(10_000, 10_000), "unreadable: decompression bomb")
 
-    # not data
+
+def add_files_that_are_not_data(folder: DirtyFolder) -> None:
+    """Hidden and system files, text, files outside a class folder, a dangling link."""
+    add, raw, expected = folder.add, folder.raw, folder.expected
     add("cat/.DS_Store", b"\x00\x00\x00\x01Bud1", "not data: hidden")
     add("cat/.hidden.jpg", gradient(30, 30, 31), "not data: hidden")
     add("cat/.thumbnails/t.jpg", gradient(30, 30, 32), "")  # inside a hidden folder: not seen
@@ -217,7 +245,6 @@ def make_dirty_raw(root: Path) -> tuple[Path, dict[str, str], str]:
     add(".DS_Store", b"x", "not data: hidden")
     os.symlink(raw / "nowhere.jpg", raw / "cat" / "dangling.jpg")
     expected["cat/dangling.jpg"] = "not data: not a regular file"
-    return raw, expected, hashlib.sha256(known.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -569,7 +596,7 @@ def test_discard_settings_change_what_is_kept(tmp_path: Path) -> None:
     ],
 )
 def test_bad_discard_settings_are_refused_in_one_line(tmp_path: Path, discard: dict, key: str) -> None:
-    with pytest.raises(DataError) as error:
+    with pytest.raises(ConfigError) as error:
         build_cache(make_raw(tmp_path), tmp_path / "cache", image_size=SIZE, progress=False, discard=discard)
     assert key in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "cache").exists()
@@ -577,8 +604,9 @@ def test_bad_discard_settings_are_refused_in_one_line(tmp_path: Path, discard: d
 
 def test_discard_rules_accept_digests_in_any_case() -> None:
     digest = "AB" * 32
-    assert DiscardRules.from_mapping({"known_digests": [digest]}).known_digests == ("ab" * 32,)
-    assert DiscardRules.from_mapping(None) == DiscardRules()
+    assert from_mapping(DiscardRules, {"known_digests": [digest]}, "data.discard").known_digests == ["ab" * 32]
+    assert DiscardRules(known_digests=f" {digest}\n").known_digests == ["ab" * 32]  # one digest, as a string
+    assert from_mapping(DiscardRules, None, "data.discard") == DiscardRules()
 
 
 def test_workers_give_identical_arrays(tmp_path: Path) -> None:
@@ -761,23 +789,34 @@ def test_two_concurrent_builds_build_once(tmp_path: Path) -> None:
     assert np.array_equal(cache.images, reference.images) and cache.files == reference.files
 
 
-def test_lost_race_without_locks_uses_the_winners_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cache_finished_while_waiting_for_the_lock_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = make_raw(tmp_path)
     cache_dir = tmp_path / "cache"
     theirs = build_cache(raw, tmp_path / "theirs", image_size=SIZE, workers=1, progress=False)
     winner = cache_dir / theirs.path.name
-    real_build_into = preprocess._build_into
 
-    def another_process_finishes_first(*args, **kwargs) -> None:
-        real_build_into(*args, **kwargs)
-        shutil.copytree(theirs.path, winner)  # the winner's rename lands while we build
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cache another process finished must not be built again")
 
-    monkeypatch.setattr(preprocess, "fcntl", None)  # a platform without advisory locks
-    monkeypatch.setattr(preprocess, "_build_into", another_process_finishes_first)
-    cache = build_cache(raw, cache_dir, image_size=SIZE, workers=1, progress=False)
-    assert cache.path == winner
+    monkeypatch.setattr(preprocess, "_decode_chunk", no_decoding)
+    monkeypatch.setattr(preprocess, "_sha256", no_decoding)
+    cache_dir.mkdir()
+    other = FileLock(cache_dir / f".{winner.name}.lock")  # another process is building this cache
+    other.acquire()
+    found: list[preprocess.Cache] = []
+    waiting = threading.Thread(
+        target=lambda: found.append(build_cache(raw, cache_dir, image_size=SIZE, workers=1, progress=False))
+    )
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()  # waits for the lock instead of building alongside
+    shutil.copytree(theirs.path, winner)  # the other process's rename lands
+    other.release()
+    waiting.join(60)
+    (cache,) = found
+    assert cache.path == winner and not cache.built
     assert np.array_equal(cache.images, theirs.images)
-    assert [p.name for p in cache_dir.iterdir()] == [winner.name]  # our tmp folder is gone
+    assert cache_entries(cache_dir) == [winner.name]  # no temporary folder of ours
 
 
 def test_incomplete_final_folder_is_reported(tmp_path: Path) -> None:
@@ -789,6 +828,71 @@ def test_incomplete_final_folder_is_reported(tmp_path: Path) -> None:
     assert_one_line_naming(error, cache.path)
     with pytest.raises(DataError, match="incomplete"):
         load_cache(cache.path)
+
+
+def test_build_folder_failed_build_leaves_nothing(tmp_path: Path) -> None:
+    def fails(tmp: Path) -> None:
+        (tmp / "half.bin").write_bytes(b"half written")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        build_folder(tmp_path / "target", fails, is_complete=lambda path: (path / "done").exists())
+    assert cache_entries(tmp_path) == []  # no target, no temporary folder
+
+
+def test_build_folder_second_caller_waits_and_reuses(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    building, finish = threading.Event(), threading.Event()
+    second_built: list[Path] = []
+    results: dict[str, bool] = {}
+
+    def slow(tmp: Path) -> None:
+        (tmp / "part").write_text("first")
+        building.set()
+        assert finish.wait(60)
+        (tmp / "done").write_text("complete")
+
+    def run(name: str, build) -> None:
+        results[name] = build_folder(target, build, is_complete=lambda path: (path / "done").exists())
+
+    first = threading.Thread(target=run, args=("first", slow))
+    first.start()
+    assert building.wait(60)
+    second = threading.Thread(target=run, args=("second", second_built.append))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the lock
+    (tmp,) = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert (tmp / "part").read_text() == "first"  # the running build is left alone
+    finish.set()
+    first.join(60)
+    second.join(60)
+    assert results == {"first": True, "second": False} and second_built == []
+    assert cache_entries(tmp_path) == ["target"] and (target / "done").exists()
+
+
+def test_build_folder_cleans_dead_builds_and_replaces_only_what_it_may(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    dead = [tmp_path / ".target.tmp-1-deadbeef", tmp_path / ".target.tmp-2-cafef00d-old"]  # a build, a parked old
+    for folder in [*dead, target]:
+        folder.mkdir()
+        (folder / "file").write_text("old")
+
+    def build(tmp: Path) -> None:
+        (tmp / "file").write_text("new")
+
+    def is_complete(path: Path) -> bool:
+        return (path / "file").is_file() and (path / "file").read_text() == "new"
+
+    with pytest.raises(FileExistsError, match="target"):  # not complete, and nobody said it may be replaced
+        build_folder(target, build, is_complete)
+    assert (target / "file").read_text() == "old" and all(folder.exists() for folder in dead)
+    assert build_folder(target, build, is_complete, replace_old=lambda path: True)
+    assert (target / "file").read_text() == "new" and cache_entries(tmp_path) == ["target"]
+    assert not build_folder(target, build, is_complete, replace_old=lambda path: True)  # complete: left as it is
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_folder(empty, build, is_complete) and (empty / "file").read_text() == "new"
 
 
 @pytest.mark.parametrize("pad", [True, False])

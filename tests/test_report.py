@@ -1,4 +1,5 @@
-"""Verdicts from crafted histories; the sweep report on crafted run dirs (failed, missing, seeds); CLI, callback."""
+"""Verdicts from crafted histories; the sweep report on crafted run dirs (failed, missing, seeds, labels,
+step order past ten, a run done twice); CLI, callback."""
 
 from __future__ import annotations
 
@@ -19,17 +20,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from alexnet_lab.callbacks import SweepReport
-from alexnet_lab.report import (
-    config_diff,
-    experiment_rows,
-    group_runs,
-    load_run,
-    load_runs,
-    plot_training_stats,
-    split_label,
-    strip_common,
-    write_report,
-)
+from alexnet_lab.identity import config_diff, split_name, strip_common
+from alexnet_lab.report import experiment_rows, group_runs, load_run, load_runs, plot_training_stats, run_rows, write_report
 from alexnet_lab.verdicts import VERDICTS, VerdictThresholds, verdicts
 from conftest import ROOT, compose_config, run_train, tiny_overrides
 
@@ -183,14 +175,23 @@ def make_run(
     metrics: dict | None = None,
     config: dict | None = None,
     optim: str = "adam",
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
     write_metrics: bool = True,
 ) -> Path:
-    """A run dir as train.py leaves it: .hydra/config.yaml, .hydra/hydra.yaml, metrics.json."""
+    """A run dir as train.py leaves it: .hydra/config.yaml, .hydra/hydra.yaml, metrics.json.
+
+    ``experiment`` is the experiment group's choice (Hydra records ``null`` when none is chosen);
+    ``overrides`` the command line's, written to .hydra/overrides.yaml only when given.
+    """
     run = parent / dirname
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(config or BASE_CONFIG), run / ".hydra" / "config.yaml")
-    choices = {"model": "alexnet", "optim": optim, "data": "synthetic", "hydra/launcher": "basic"}
+    choices = {"model": "alexnet", "optim": optim, "data": "synthetic", "experiment": experiment}
+    choices["hydra/launcher"] = "basic"
     OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": choices}}}), run / ".hydra" / "hydra.yaml")
+    if overrides is not None:
+        OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
     if write_metrics:
         rows = rows if rows is not None else history()
         data = {
@@ -288,9 +289,75 @@ def test_what_differs_reads_the_resolved_configs(tmp_path):
     assert config_diff(bare, load_run(make_run(tmp_path, "4_seed", config=with_changes(seed=1)))) == "seed=1"
 
 
+def test_labels_come_from_the_runs_overrides_then_metrics_json_then_the_dir_name(tmp_path):
+    overrides = ["model.downscale=8", "resume=true", "data.cache_dir=/x"]
+    run = make_run(tmp_path, "0_resumed_elsewhere", overrides=overrides, metrics={"run_name": "from_metrics"})
+    assert load_run(run).label == "model.downscale=8"  # resume and a cache folder change nothing learned
+    (run / ".hydra" / "overrides.yaml").write_text("{not: [a list")
+    assert load_run(run).label == "from_metrics"
+    (run / "metrics.json").unlink()
+    assert load_run(run).label == "resumed_elsewhere"
+    single = make_run(tmp_path, "2024-05-01_12-00-00-123456_lr=0.01", write_metrics=False)
+    assert load_run(single).label == "lr=0.01"
+    assert load_run(make_run(tmp_path, "1_x", overrides=[])).label == "default"
+
+
+def ablation_sweep(sweep: Path, steps: int = 11) -> None:
+    """``-m 'experiment=glob(ablation_*)'``: Hydra numbers the jobs in string order of the names.
+
+    Step ``k`` trains ``10 + k`` epochs, so each step differs from the one before it by one key.
+    """
+    names = sorted(f"ablation_{step}" for step in range(steps))  # ablation_0, ablation_1, ablation_10, ablation_2, ...
+    for job, name in enumerate(names):
+        step = int(name.rsplit("_", 1)[1])
+        config = with_changes(trainer={"max_epochs": 10 + step})
+        make_run(sweep, f"{job}_{name}", config=config, experiment=name, overrides=[f"experiment={name}"])
+
+
+def test_an_ablation_reports_its_steps_in_order_past_ten(tmp_path):
+    ablation_sweep(tmp_path)
+    rows = run_rows(load_runs(tmp_path))
+    assert [row["run"] for row in rows] == [f"ablation_{step}" for step in range(11)]
+    assert [row["differs"] for row in rows] == [""] + [f"trainer.max_epochs={10 + step}" for step in range(1, 11)]
+    assert rows[10]["dir"] == "2_ablation_10"  # Hydra's glob numbered it third
+    experiments = experiment_rows(group_runs(load_runs(tmp_path)))
+    assert [row["experiment"] for row in experiments] == [f"ablation_{step}" for step in range(11)]
+    assert experiments[2]["differs"] == "trainer.max_epochs=12"
+
+
+def test_a_run_done_twice_counts_once(tmp_path):
+    # seed 1 done twice, both finished: the later counts; seed 0 again but failed: the finished one counts
+    for job, seed, acc, status in ((0, 0, 0.6, "ok"), (1, 1, 0.8, "ok"), (2, 1, 0.7, "ok"), (3, 0, 0.9, "failed")):
+        make_run(
+            tmp_path,
+            f"{job}_bare,seed={seed}",
+            rows=history(val_acc=(0.55, acc)) if status == "ok" else [],
+            metrics={"status": status},
+            config=with_changes(seed=seed),
+            overrides=[f"seed={seed}"],
+        )
+    runs = load_runs(tmp_path)
+    assert [run.path.name for run in runs] == ["0_bare,seed=0", "2_bare,seed=1"]
+    rows = experiment_rows(group_runs(runs))
+    assert len(rows) == 1 and rows[0]["runs"] == 2 and rows[0]["finished"] == 2
+    assert rows[0]["val_acc_best_mean"] == pytest.approx(0.65)
+    assert rows[0]["val_acc_best_std"] == pytest.approx(0.1 / 2**0.5)  # sample std of 0.6 and 0.7
+    written = write_report(tmp_path)
+    assert [row["dir"] for row in read_csv(written["report.csv"])] == ["0_bare,seed=0", "2_bare,seed=1"]
+    assert "2 runs, 2 finished." in written["report.md"].read_text()
+    val_acc = next(t for t in plot_training_stats(tmp_path).data if t.xaxis == "x2" and t.line.dash == "solid")
+    assert val_acc.y[-1] == pytest.approx(0.65) and val_acc.name.startswith("default ×2")  # two runs, not four
+
+
+def test_runs_without_a_config_are_never_taken_for_repeats(tmp_path):
+    for job in (0, 1):
+        (make_run(tmp_path, f"{job}_same") / ".hydra" / "config.yaml").unlink()
+    assert len(load_runs(tmp_path)) == 2
+
+
 def test_labels_split_at_top_level_commas_and_drop_shared_overrides():
     label = "ablation_0_bare,data.synthetic.counts={cat:18,dog:12},trainer.max_epochs=1"
-    assert split_label(label) == ["ablation_0_bare", "data.synthetic.counts={cat:18,dog:12}", "trainer.max_epochs=1"]
+    assert split_name(label) == ["ablation_0_bare", "data.synthetic.counts={cat:18,dog:12}", "trainer.max_epochs=1"]
     other = label.replace("ablation_0_bare", "ablation_1_balanced")
     assert strip_common([label, other]) == ["ablation_0_bare", "ablation_1_balanced"]
     assert strip_common([label]) == [label]

@@ -29,9 +29,10 @@ from alexnet_lab.data.datamodule import (
     augment_in_chunks,
     upload_split,
 )
+from alexnet_lab.cli import load
 from alexnet_lab.module import AlexNetClassifier, ConfusionCounts
-from alexnet_lab.train import build_datamodule, train
-from conftest import compose_config, tiny_overrides
+from alexnet_lab.train import train
+from conftest import compose_config, small_data, tiny_overrides
 
 MODEL = {"arch": "notebook", "downscale": 16, "dropout": 0.0, "lrn": False}
 OPTIM = {"name": "Adam", "lr": 1e-3}
@@ -44,9 +45,8 @@ def fake_trainer(device: torch.device, world_size: int = 1, rank: int = 0) -> Si
                            strategy=SimpleNamespace(root_device=device))
 
 
-def make_datamodule(raw, tmp_path, **kwargs) -> ImageFolderDataModule:
-    settings = {"image_size": 64, "batch_size": 4, "workers": 1, "progress": False, "seed": 3, **kwargs}
-    dm = ImageFolderDataModule(raw, tmp_path / "cache", **settings)
+def make_datamodule(raw, tmp_path, **settings) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(small_data(raw, tmp_path, **{"batch_size": 4, **settings}), seed=3)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -131,7 +131,7 @@ def test_on_device_auto_is_the_host_path_on_a_cpu_and_bad_values_are_refused(mak
     raw = make_raw({"cat": 6, "dog": 5})
     assert isinstance(make_datamodule(raw, tmp_path).train_dataloader(), DataLoader)  # default: auto
     with pytest.raises(ValueError, match="data.on_device='yes'"):
-        ImageFolderDataModule(raw, tmp_path / "cache", on_device="yes")
+        small_data(raw, tmp_path, on_device="yes")
 
 
 def test_on_device_auto_falls_back_to_the_host_when_the_gpu_is_too_small(make_raw, tmp_path, monkeypatch, caplog):
@@ -148,10 +148,10 @@ def test_on_device_auto_falls_back_to_the_host_when_the_gpu_is_too_small(make_ra
 
 def test_eval_batches_are_larger_on_a_gpu_only_unless_set(make_raw, tmp_path):
     raw = make_raw({"cat": 6, "dog": 5})
-    dm = ImageFolderDataModule(raw, tmp_path / "cache", batch_size=8)
+    dm = ImageFolderDataModule(small_data(raw, tmp_path, batch_size=8))
     assert dm.eval_batch_size_on(torch.device("cpu")) == 8
     assert dm.eval_batch_size_on(torch.device("cuda", 0)) == 32
-    fixed = ImageFolderDataModule(raw, tmp_path / "cache", batch_size=8, eval_batch_size=5)
+    fixed = ImageFolderDataModule(small_data(raw, tmp_path, batch_size=8), eval_batch_size=5)
     assert fixed.eval_batch_size_on(torch.device("cpu")) == fixed.eval_batch_size_on(torch.device("cuda")) == 5
     loader = make_datamodule(raw, tmp_path, batch_size=2).val_dataloader()
     assert loader.sampler.batch_size == 2  # no trainer: the CPU
@@ -159,8 +159,8 @@ def test_eval_batches_are_larger_on_a_gpu_only_unless_set(make_raw, tmp_path):
 
 def test_config_passes_on_device_to_the_datamodule(tmp_path):
     assert compose_config().data.on_device == "auto"
-    dm = build_datamodule(compose_config(*tiny_overrides(tmp_path), "data.on_device=true"))
-    assert dm.on_device is True
+    dm = ImageFolderDataModule(load(compose_config(*tiny_overrides(tmp_path), "data.on_device=true")).data)
+    assert dm.data.on_device is True
 
 
 def test_bf16_mixed_trains_on_cpu(make_raw, tmp_path):
@@ -203,7 +203,7 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "keep":
-    from alexnet_lab.module import keep_freed_host_memory
+    from alexnet_lab.cli import keep_freed_host_memory
     assert keep_freed_host_memory()
 def step():  # four 24 MB blocks alive at once, written, freed: like a step's activations at downscale 4
     blocks = [libc.malloc(24 * 2**20) for _ in range(4)]
@@ -231,11 +231,14 @@ def test_kept_host_memory_spares_the_page_faults_of_every_step():
     assert faults["keep"] < faults["default"] / 10, faults  # glibc 2.36: 24551 against 0
 
 
-def test_the_module_keeps_freed_memory_in_every_process(monkeypatch):
+def test_every_command_keeps_freed_memory(monkeypatch):
+    from alexnet_lab import cli
+
     calls = []
-    monkeypatch.setattr("alexnet_lab.module.keep_freed_host_memory", lambda: calls.append(True))
-    AlexNetClassifier(MODEL, OPTIM, ["cat", "dog"], 1).setup("fit")
-    assert calls == [True]
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "")  # run_command sets it; restored after the test
+    monkeypatch.setattr(cli, "keep_freed_host_memory", lambda: calls.append(True))
+    cli.run_command(lambda: calls.append("ran"))
+    assert calls == [True, "ran"]  # tuned before the command runs
 
 
 def test_metrics_skip_host_side_input_checks():

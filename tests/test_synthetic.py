@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 import os
-import subprocess
-import sys
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 from alexnet_lab.data import synthetic
-from alexnet_lab.data.preprocess import DataError, build_cache
-from alexnet_lab.data.synthetic import MARKER_NAME, ear_styles, ensure_from_config, ensure_synthetic, generate, spread
+from alexnet_lab.data.preprocess import build_cache
+from alexnet_lab.data.synthetic import MARKER_NAME, SyntheticConfig, ear_styles, ensure_synthetic, generate, spread
+from alexnet_lab.errors import ConfigError, DataError, from_mapping
 
 COUNTS = {"cat": 40, "dog": 30}  # enough for both formats in both classes with seed 0
 SMALL = {"cat": 12, "dog": 8}
 CLEAN = {"placeholders": 0, "broken": 0}  # photos only
+DEFAULTS = SyntheticConfig()
 # what the default run adds: 80 placeholder copies and 6 broken files, spread like the photos
-DEBRIS = {name: spread(synthetic.DEFAULT_PLACEHOLDERS, COUNTS)[name] + spread(synthetic.DEFAULT_BROKEN, COUNTS)[name]
-          for name in COUNTS}
+DEBRIS = {name: spread(DEFAULTS.placeholders, COUNTS)[name] + spread(DEFAULTS.broken, COUNTS)[name] for name in COUNTS}
+
+
+def spec(counts: dict[str, int], seed: int = 0, **extra: int) -> SyntheticConfig:
+    return SyntheticConfig(seed=seed, counts=counts, **extra)
 
 
 def photos(folder: Path, n: int) -> list[Path]:
@@ -44,16 +49,14 @@ def mtimes(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
-def dead_pid() -> int:
-    """The id of a process that has already exited."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+def entries(folder: Path) -> list[str]:
+    """Names in folder other than lock files (the lock file of a build stays, by design)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate(tmp_path_factory.mktemp("synthetic") / "raw", COUNTS, seed=0, workers=2, progress=False)
+    return generate(tmp_path_factory.mktemp("synthetic") / "raw", spec(COUNTS), workers=2, progress=False)
 
 
 def test_layout_counts_and_marker(raw: Path) -> None:
@@ -84,15 +87,15 @@ def test_formats_sizes_and_aspect_do_not_depend_on_class(raw: Path) -> None:
 
 
 def test_same_seed_is_byte_identical_whatever_the_workers(tmp_path: Path) -> None:
-    one = generate(tmp_path / "one", SMALL, seed=7, workers=1, progress=False)
-    two = generate(tmp_path / "two", SMALL, seed=7, workers=2, progress=False)
+    one = generate(tmp_path / "one", spec(SMALL, seed=7), workers=1, progress=False)
+    two = generate(tmp_path / "two", spec(SMALL, seed=7), workers=2, progress=False)
     assert digests(one) == digests(two)
     assert len(digests(one)) == sum(SMALL.values()) + 80 + 6 + 1
 
 
 def test_placeholders_and_broken_files_are_added_on_top_of_the_same_photos(tmp_path: Path) -> None:
-    clean = digests(generate(tmp_path / "clean", SMALL, seed=3, progress=False, **CLEAN))
-    dirty = digests(generate(tmp_path / "dirty", SMALL, seed=3, progress=False, placeholders=9, broken=4))
+    clean = digests(generate(tmp_path / "clean", spec(SMALL, seed=3, **CLEAN), progress=False))
+    dirty = digests(generate(tmp_path / "dirty", spec(SMALL, seed=3, placeholders=9, broken=4), progress=False))
     assert {path: digest for path, digest in dirty.items() if path in clean and path != MARKER_NAME} == {
         path: digest for path, digest in clean.items() if path != MARKER_NAME
     }  # the photos do not change
@@ -129,26 +132,26 @@ def test_spread_is_proportional_and_complete() -> None:
 
 
 def test_other_seed_gives_other_images(tmp_path: Path) -> None:
-    a = digests(generate(tmp_path / "a", SMALL, seed=1, workers=1, progress=False, **CLEAN))
-    b = digests(generate(tmp_path / "b", SMALL, seed=2, workers=1, progress=False, **CLEAN))
+    a = digests(generate(tmp_path / "a", spec(SMALL, seed=1, **CLEAN), workers=1, progress=False))
+    b = digests(generate(tmp_path / "b", spec(SMALL, seed=2, **CLEAN), workers=1, progress=False))
     images_a = {h for p, h in a.items() if p != MARKER_NAME}
     images_b = {h for p, h in b.items() if p != MARKER_NAME}
     assert not images_a & images_b
 
 
 def test_ensure_keeps_a_complete_folder_and_regenerates_a_stale_one(tmp_path: Path) -> None:
-    raw = ensure_synthetic(tmp_path / "raw", SMALL, seed=0, progress=False)
+    raw = ensure_synthetic(tmp_path / "raw", spec(SMALL), progress=False)
     before = mtimes(raw)
-    assert ensure_synthetic(tmp_path / "raw", dict(reversed(SMALL.items())), seed=0, progress=False) == raw
+    assert ensure_synthetic(tmp_path / "raw", spec(dict(reversed(SMALL.items()))), progress=False) == raw
     assert mtimes(raw) == before
 
     bigger = {"cat": 5, "dog": 9, "fox": 2}
-    ensure_synthetic(raw, bigger, seed=0, progress=False, **CLEAN)
+    ensure_synthetic(raw, spec(bigger, **CLEAN), progress=False)
     assert {d.name: len(list(d.iterdir())) for d in raw.iterdir() if d.is_dir()} == bigger
     assert json.loads((raw / MARKER_NAME).read_text())["counts"] == bigger
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no temp or old dirs left
+    assert entries(tmp_path) == ["raw"]  # no temp or old dirs left
 
-    ensure_synthetic(raw, bigger, seed=1, progress=False, **CLEAN)  # a changed seed also regenerates
+    ensure_synthetic(raw, spec(bigger, seed=1, **CLEAN), progress=False)  # a changed seed also regenerates
     assert json.loads((raw / MARKER_NAME).read_text())["seed"] == 1
 
 
@@ -157,61 +160,80 @@ def test_folder_without_marker_is_never_touched(tmp_path: Path) -> None:
     (raw / "cat").mkdir(parents=True)
     (raw / "cat" / "mine.jpg").write_bytes(b"user data")
     before = digests(raw)
-    for make in (generate, ensure_synthetic):
-        with pytest.raises(FileExistsError, match="raw"):
-            make(raw, SMALL, seed=0, progress=False)
+    with pytest.raises(FileExistsError, match="raw"):
+        generate(raw, spec(SMALL), progress=False)
+    with pytest.raises(DataError, match=f"data.raw_dir={raw}: .* will not touch"):
+        ensure_synthetic(raw, spec(SMALL), progress=False)
     assert digests(raw) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
 def test_empty_folder_is_filled(tmp_path: Path) -> None:
     (tmp_path / "raw").mkdir()
-    raw = ensure_synthetic(tmp_path / "raw", SMALL, seed=0, progress=False, **CLEAN)
+    raw = ensure_synthetic(tmp_path / "raw", spec(SMALL, **CLEAN), progress=False)
     assert len(digests(raw)) == sum(SMALL.values()) + 1
 
 
-def test_ensure_from_config_regenerates_when_the_debris_changes(tmp_path: Path) -> None:
-    config = {"seed": 0, "counts": SMALL, "placeholders": 6, "broken": 2}
-    raw = ensure_from_config(tmp_path / "raw", config, progress=False)
+def test_config_block_regenerates_when_the_debris_changes(tmp_path: Path) -> None:
+    config = {"seed": 0, "counts": SMALL, "placeholders": 6, "broken": 2}  # the config's data.synthetic
+
+    def from_config(**changes: object) -> SyntheticConfig:
+        return from_mapping(SyntheticConfig, {**config, **changes}, "data.synthetic")
+
+    raw = ensure_synthetic(tmp_path / "raw", from_config(), progress=False)
     assert len(digests(raw)) == 20 + 8 + 1
     before = mtimes(raw)
-    assert ensure_from_config(raw, dict(config), progress=False) == raw and mtimes(raw) == before
-    ensure_from_config(raw, {**config, "broken": 0}, progress=False)
+    assert ensure_synthetic(raw, from_config(), progress=False) == raw and mtimes(raw) == before
+    ensure_synthetic(raw, from_config(broken=0), progress=False)
     assert len(digests(raw)) == 20 + 6 + 1
-    with pytest.raises(DataError, match="data.synthetic.colour"):
-        ensure_from_config(raw, {**config, "colour": 1}, progress=False)
-    with pytest.raises(DataError, match="data.synthetic.broken must be an int >= 0"):
-        ensure_from_config(raw, {**config, "broken": -2}, progress=False)
+    with pytest.raises(ConfigError, match="data.synthetic.colour"):
+        from_config(colour=1)
+    with pytest.raises(ConfigError, match="data.synthetic.broken=-2: must be an integer >= 0"):
+        from_config(broken=-2)
     mine = tmp_path / "mine"
     (mine / "cat").mkdir(parents=True)
     (mine / "cat" / "photo.jpg").write_bytes(b"user data")
     with pytest.raises(DataError, match=f"data.raw_dir={mine}: .* will not touch") as error:
-        ensure_from_config(mine, config, progress=False)
+        ensure_synthetic(mine, from_config(), progress=False)
     assert "\n" not in str(error.value) and (mine / "cat" / "photo.jpg").read_bytes() == b"user data"
 
 
-def test_stale_temp_dir_is_cleaned_and_a_live_one_left_alone(tmp_path: Path) -> None:
-    stale = tmp_path / f".raw.tmp-{dead_pid()}"
-    (stale / "cat").mkdir(parents=True)
-    (stale / "cat" / "cat_00000.jpg").write_bytes(b"half written")
-    live = tmp_path / f".raw.tmp-{os.getppid()}"  # another run still working
+def test_dead_builds_are_cleaned_and_a_running_one_is_waited_for(tmp_path: Path) -> None:
+    # Whoever holds the lock is the only builder, so these are dead builds' folders, whatever their
+    # pid says (this one names a live process: an id reused since): a build and a parked old set.
+    dead = [tmp_path / f".raw.tmp-{os.getppid()}", tmp_path / ".raw.tmp-12345-0badf00d-old"]
+    for folder in dead:
+        (folder / "cat").mkdir(parents=True)
+        (folder / "cat" / "cat_00000.jpg").write_bytes(b"half written")
+    running = FileLock(tmp_path / ".raw.lock")  # another run, building the same folder
+    running.acquire()
+    live = tmp_path / ".raw.tmp-1-00000000"
     live.mkdir()
-    raw = ensure_synthetic(tmp_path / "raw", SMALL, seed=0, progress=False)
-    assert not stale.exists()
-    assert live.exists()
-    assert digests(raw) == digests(generate(tmp_path / "ref", SMALL, seed=0, workers=1, progress=False))
+    made: list[Path] = []
+
+    def ensure() -> None:
+        made.append(ensure_synthetic(tmp_path / "raw", spec(SMALL), progress=False))
+
+    waiting = threading.Thread(target=ensure)
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive() and live.is_dir() and all(folder.exists() for folder in dead)  # waits, touches nothing
+    live.rmdir()  # the other run fails, cleans up and lets go
+    running.release()
+    waiting.join(60)
+    assert made == [tmp_path / "raw"] and entries(tmp_path) == ["raw"]  # the dead builds' folders are gone
+    assert digests(made[0]) == digests(generate(tmp_path / "ref", spec(SMALL), workers=1, progress=False))
 
 
-def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+def test_bad_arguments_are_refused() -> None:
     for counts in ({}, {"cat": -1}, {".hidden": 3}, {"a/b": 3}, {"cat": 2.5}):
-        with pytest.raises(ValueError):
-            generate(tmp_path / "raw", counts, progress=False)
-    with pytest.raises(ValueError):
-        generate(tmp_path / "raw", SMALL, seed=-1, progress=False)
+        with pytest.raises(ConfigError, match="data.synthetic.counts"):
+            spec(counts)
+    with pytest.raises(ConfigError, match="data.synthetic.seed"):
+        spec(SMALL, seed=-1)
     for extra in ({"placeholders": -1}, {"broken": 1.5}, {"broken": True}):
-        with pytest.raises(ValueError, match=f"data.synthetic.{next(iter(extra))}"):
-            generate(tmp_path / "raw", SMALL, progress=False, **extra)
-    assert not (tmp_path / "raw").exists()
+        with pytest.raises(ConfigError, match=f"data.synthetic.{next(iter(extra))}"):
+            spec(SMALL, **extra)
 
 
 def test_ear_styles() -> None:

@@ -8,63 +8,24 @@ per batch, so a seeded `torch.Generator` reproduces a batch exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from alexnet_lab.config import AugmentConfig
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _NUM_DRAWS = 7  # uniforms per sample: flip, shift x, shift y, rotate, scale, brightness, contrast
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Augmentation magnitudes; all zero (and scale (1, 1)) is the identity."""
-
-    flip: float = 0.5  # probability of a horizontal flip
-    max_shift: float = 0.1  # max translation per axis, fraction of image width/height
-    max_rotate_deg: float = 10.0  # max rotation either way, degrees
-    scale: tuple[float, float] = (0.9, 1.1)  # zoom range; > 1 magnifies the content
-    brightness: float = 0.2  # max additive change, fraction of the [0, 1] range
-    contrast: float = 0.2  # max relative change of deviations from each image's mean
-
-    def __post_init__(self) -> None:
-        # Hydra/YAML hands lists; keep the dataclass hashable and immutable.
-        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
-        _check_range("flip", self.flip, 0.0, 1.0)
-        _check_range("max_shift", self.max_shift, 0.0, 1.0)
-        _check_range("max_rotate_deg", self.max_rotate_deg, 0.0, 180.0)
-        _check_range("brightness", self.brightness, 0.0, 1.0)
-        # contrast > 1 could draw a negative factor, which inverts the image
-        _check_range("contrast", self.contrast, 0.0, 1.0)
-        if len(self.scale) != 2:
-            raise ValueError(f"data.augmentation.scale must be [low, high], got {self.scale}")
-        low, high = self.scale
-        if not (0.0 < low <= high < math.inf):
-            raise ValueError(
-                f"data.augmentation.scale must satisfy 0 < low <= high, got {self.scale}"
-            )
-
-    @property
-    def geometry_is_identity(self) -> bool:
-        """True when no flip, shift, rotation or zoom can be drawn."""
-        return (
-            self.flip == 0.0
-            and self.max_shift == 0.0
-            and self.max_rotate_deg == 0.0
-            and self.scale == (1.0, 1.0)
-        )
-
-    @property
-    def photometric_is_identity(self) -> bool:
-        """True when brightness and contrast are both left alone."""
-        return self.brightness == 0.0 and self.contrast == 0.0
+def geometry_is_identity(config: AugmentConfig) -> bool:
+    """True when no flip, shift, rotation or zoom can be drawn."""
+    return config.flip == config.max_shift == config.max_rotate_deg == 0.0 and tuple(config.scale) == (1.0, 1.0)
 
 
-def _check_range(field: str, value: float, low: float, high: float) -> None:
-    # written as `not (a <= v <= b)` so that NaN fails too
-    if not (low <= value <= high):
-        raise ValueError(f"data.augmentation.{field} must be in [{low}, {high}], got {value}")
+def photometric_is_identity(config: AugmentConfig) -> bool:
+    """True when brightness and contrast are both left alone."""
+    return config.brightness == 0.0 and config.contrast == 0.0
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -121,7 +82,7 @@ def augment_batch(
             f"augment_batch expects float (B, C, H, W) images, "
             f"got {images.dtype} {tuple(images.shape)}"
         )
-    if config.geometry_is_identity and config.photometric_is_identity:
+    if geometry_is_identity(config) and photometric_is_identity(config):
         return images
 
     batch, _, height, width = images.shape
@@ -131,14 +92,14 @@ def augment_batch(
         (batch, _NUM_DRAWS), device=images.device, dtype=torch.float32, generator=generator
     )  # (B, 7) in [0, 1)
 
-    if not config.geometry_is_identity:
+    if not geometry_is_identity(config):
         theta = _affine_matrices(draws, config, height, width).to(out.dtype)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)  # (B, H, W, 2)
         out = F.grid_sample(
             out, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )  # (B, C, H, W)
 
-    if not config.photometric_is_identity:
+    if not photometric_is_identity(config):
         shape = (batch, 1, 1, 1)
         offset = ((draws[:, 5] * 2.0 - 1.0) * config.brightness).view(shape).to(out.dtype)
         factor = (1.0 + (draws[:, 6] * 2.0 - 1.0) * config.contrast).view(shape).to(out.dtype)

@@ -10,9 +10,9 @@ epoch, so a training step never waits for the host.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,9 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alexnet_lab.data.augment import AugmentConfig, augment_batch, to_float
-from alexnet_lab.data.preprocess import Cache, DataError, build_cache
+from alexnet_lab.data.preprocess import Cache, build_cache
 from alexnet_lab.data.sampling import EpochBatchSampler, epoch_seed, stratified_split
-from alexnet_lab.data.synthetic import ensure_from_config
+from alexnet_lab.data.synthetic import ensure_synthetic
+from alexnet_lab.errors import DataError
+
+if TYPE_CHECKING:
+    from alexnet_lab.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,51 +111,20 @@ def upload_split(
 class ImageFolderDataModule(pl.LightningDataModule):
     """Raw folder -> cache -> stratified splits -> uint8 batches -> float (augmented) on the device.
 
-    With ``synthetic`` set (``{"seed": ..., "counts": {...}, "placeholders": ..., "broken": ...}``)
-    the embedded data set is generated into ``raw_dir`` first if it is not there yet.
-    ``discard`` (``data.discard``: min_copies, known_digests, min_std, max_image_pixels) says
-    which files preprocessing throws away; None = the defaults of `DiscardRules`.
-    ``on_device``: hold each split on the trainer's device and gather batches there
-    (:class:`DeviceBatches`): ``"auto"`` on a CUDA device when the cache takes at most half of
-    its free memory, ``True`` on any device (a CPU too: the same batches, for tests), ``False``
-    never (batches sliced from the memory-mapped cache on the host, then copied).
+    Built from the ``data`` config group (:class:`~alexnet_lab.config.DataConfig`). With
+    ``data.synthetic`` set, the embedded data set is generated into ``raw_dir`` first if it is
+    not there yet. ``data.on_device``: hold each split on the trainer's device and gather
+    batches there (:class:`DeviceBatches`): ``"auto"`` on a CUDA device when the cache takes at
+    most half of its free memory, ``True`` on any device (a CPU too: the same batches, for
+    tests), ``False`` never (batches sliced from the memory-mapped cache on the host, then
+    copied). ``seed`` fixes each epoch's sampling and augmentation; ``eval_batch_size`` None
+    means chosen by device (:meth:`eval_batch_size_on`).
     """
 
-    def __init__(
-        self,
-        raw_dir: str | Path,
-        cache_dir: str | Path,
-        image_size: int = 256,
-        grayscale: bool = True,
-        balance: bool = False,
-        augment: bool = False,
-        augmentation: Mapping[str, Any] | None = None,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 0,
-        seed: int = 0,
-        workers: int | None = None,
-        progress: bool = True,
-        synthetic: Mapping[str, Any] | None = None,
-        eval_batch_size: int | None = None,
-        discard: Mapping[str, Any] | None = None,
-        on_device: bool | str = "auto",
-    ) -> None:
+    def __init__(self, data: DataConfig, seed: int = 0, eval_batch_size: int | None = None) -> None:
         super().__init__()
-        if on_device not in ("auto", True, False):
-            raise ValueError(f"data.on_device={on_device!r}: must be auto, true or false")
-        self.raw_dir, self.cache_dir = Path(raw_dir).expanduser(), Path(cache_dir).expanduser()
-        self.image_size, self.grayscale = image_size, grayscale
-        self.balance, self.augment = balance, augment
-        self.augment_config = AugmentConfig(**(augmentation or {}))
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size  # None: chosen by device, see `eval_batch_size_on`
-        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
-        self.seed, self.workers, self.progress = seed, workers, progress
-        self.synthetic = dict(synthetic) if synthetic else None
-        self.discard = dict(discard) if discard else None
-        self.on_device = on_device
+        self.data, self.seed, self.eval_batch_size = data, seed, eval_batch_size
+        self.raw_dir = Path(data.raw_dir).expanduser()
         self.cache: Cache | None = None
         self._device_splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (split, device) -> data
         self._device_choice: dict[str, bool] = {}  # device -> whether the splits are held there
@@ -162,16 +135,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _load(self) -> Cache:
         if self.cache is None:
-            if self.synthetic is not None:
-                ensure_from_config(self.raw_dir, self.synthetic, progress=self.progress)
+            data = self.data
+            if data.synthetic is not None:
+                ensure_synthetic(self.raw_dir, data.synthetic, progress=data.progress)
             self.cache = build_cache(
                 self.raw_dir,
-                self.cache_dir,
-                image_size=self.image_size,
-                grayscale=self.grayscale,
-                workers=self.workers,
-                progress=self.progress,
-                discard=self.discard,
+                Path(data.cache_dir).expanduser(),
+                image_size=data.image_size,
+                grayscale=data.grayscale,
+                workers=data.workers,
+                progress=data.progress,
+                discard=data.discard,
             )
         return self.cache
 
@@ -180,7 +154,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return
         cache = self._load()
         self.train_idx, self.val_idx, self.test_idx = stratified_split(
-            cache.labels, self.val_fraction, self.test_fraction, self.split_seed
+            cache.labels, self.data.val_fraction, self.data.test_fraction, self.data.split_seed
         )
         for name, split in (("train", self.train_idx), ("val", self.val_idx)):
             missing = set(range(len(cache.classes))) - set(cache.labels[split].tolist())
@@ -208,7 +182,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """
         if self.eval_batch_size is not None:
             return self.eval_batch_size
-        return 4 * self.batch_size if device.type == "cuda" else self.batch_size
+        return 4 * self.data.batch_size if device.type == "cuda" else self.data.batch_size
 
     def _trainer_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -218,13 +192,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
         Decided once per device, before anything is uploaded, so that every split goes the same way.
         """
-        device = self._trainer_device()
-        if self.on_device is not True and (self.on_device is False or device.type != "cuda"):
+        device, on_device = self._trainer_device(), self.data.on_device
+        if on_device is not True and (on_device is False or device.type != "cuda"):
             return None
         key = str(device)
         if key not in self._device_choice:
             fits = True
-            if self.on_device == "auto":
+            if on_device == "auto":
                 free_bytes, _ = torch.cuda.mem_get_info(device)
                 fits = self._load().images.nbytes <= free_bytes // 2  # leave half for the model and activations
                 if not fits:
@@ -243,7 +217,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         replicas = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if train:
-            batch_size = max(1, self.batch_size // replicas)
+            batch_size = max(1, self.data.batch_size // replicas)
         else:
             batch_size = self.eval_batch_size_on(self._trainer_device())
         sampler = EpochBatchSampler(
@@ -251,7 +225,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             cache.labels,
             batch_size,
             shuffle=train,
-            balance=self.balance and train,
+            balance=self.data.balance and train,
             seed=self.seed,
             num_replicas=replicas,
             rank=rank,
@@ -279,8 +253,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
         images = to_float(images)  # (B, C, S, S) uint8 -> float in [0, 1], on the device
-        if self.augment and self.trainer is not None and self.trainer.training:
-            images = augment_in_chunks(images, self.augment_config, self._augment_generator(images.device))
+        if self.data.augment and self.trainer is not None and self.trainer.training:
+            images = augment_in_chunks(images, self.data.augmentation, self._augment_generator(images.device))
         return images, labels
 
     def _augment_generator(self, device: torch.device) -> torch.Generator:

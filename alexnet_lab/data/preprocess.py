@@ -24,10 +24,10 @@ The result is a cache folder::
 
 The fingerprint covers every file seen (relative path, size, mtime) and the settings, so
 a changed file or setting builds a new cache and an unchanged folder reuses the old one
-without decoding anything. A cache is built in a hidden temporary folder and renamed into
-place, so a killed build never leaves a cache that a later run would load; builds of the
-same cache take a lock file in ``cache_dir``, so two runs started together build it once
-(the second waits, then reuses it). The raw folder is only ever read.
+without decoding anything. A cache is written by ``folders.build_folder``: built in a hidden
+temporary folder and renamed into place, so a killed build never leaves a cache that a later
+run would load, under a lock file in ``cache_dir``, so two runs started together build it
+once (the second waits, then reuses it). The raw folder is only ever read.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
-import ctypes
 import dataclasses
 import hashlib
 import io
@@ -46,10 +45,6 @@ import math
 import multiprocessing
 import os
 import re
-import secrets
-import shutil
-import signal
-import sys
 import time
 import warnings
 from collections import Counter, defaultdict, deque
@@ -63,26 +58,9 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; a concurrent build then wastes work but stays correct
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = [
-    "PREPROCESS_VERSION",
-    "IMAGE_EXTENSIONS",
-    "DataError",
-    "DiscardRules",
-    "RawFile",
-    "Scan",
-    "Cache",
-    "letterbox",
-    "load_image",
-    "scan_folder",
-    "build_cache",
-    "load_cache",
-    "format_report",
-]
+from alexnet_lab.data.folders import build_folder, exit_with_parent
+from alexnet_lab.config import DiscardRules
+from alexnet_lab.errors import DataError, from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +83,6 @@ SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"}) 
 # None = the platform's default (multiprocessing.set_start_method applies); "spawn" also works.
 START_METHOD: str | None = None
 CACHE_FILES = ("images.npy", "labels.npy", "meta.json", "manifest.csv", "done")
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own limit (1024 * 1024 * 1024 // 4 // 3)
 
 _FILL = 0  # letterbox padding and the background behind transparent pixels: black
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -131,53 +108,6 @@ SYSTEM = "not data: system file"
 TEXT = "not data: text file"
 OUTSIDE = "not data: outside a class folder"
 SPECIAL = "not data: not a regular file"
-
-
-class DataError(ValueError):
-    """Bad input data; message is one line naming the path and what to do."""
-
-
-@dataclass(frozen=True)
-class DiscardRules:
-    """What preprocessing throws away besides files that cannot be decoded (config: ``data.discard``)."""
-
-    min_copies: int = 5  # the same bytes in this many files or more: a placeholder download (0 = off)
-    known_digests: tuple[str, ...] = ()  # sha256 (hex) of known placeholder files: discarded even once
-    min_std: float = 2.0  # grey levels; a picture whose std is below this is blank (0 = off)
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused before decoding
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | DiscardRules | None, key: str = "data.discard") -> DiscardRules:
-        """Checked rules from a config mapping (missing keys take the defaults); DataError names the bad key."""
-        if values is None:
-            return cls()
-        if isinstance(values, DiscardRules):
-            return values
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise DataError(f"{key}.{unknown[0]} is not a setting: use {', '.join(sorted(known))}")
-        rules = {**dataclasses.asdict(cls()), **dict(values)}
-        min_copies, min_std, max_pixels = rules["min_copies"], rules["min_std"], rules["max_image_pixels"]
-        if isinstance(min_copies, bool) or not isinstance(min_copies, int) or min_copies == 1 or min_copies < 0:
-            raise DataError(f"{key}.min_copies={min_copies!r}: must be an integer >= 2 (or 0 to keep repeated files)")
-        if isinstance(min_std, bool) or not isinstance(min_std, (int, float)) or not 0 <= min_std < 128:
-            raise DataError(f"{key}.min_std={min_std!r}: must be a number of grey levels in [0, 128), e.g. 2.0")
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-            raise DataError(f"{key}.max_image_pixels={max_pixels!r}: must be a positive integer, e.g. 89478485")
-        digests = rules["known_digests"] or ()
-        if isinstance(digests, str):
-            digests = (digests,)
-        checked = []
-        for digest in digests:
-            text = str(digest).strip().lower()
-            if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-                raise DataError(
-                    f"{key}.known_digests: {digest!r} is not a sha256 hex digest (64 hex digits; "
-                    "the report and `sha256sum FILE` print them)"
-                )
-            checked.append(text)
-        return cls(int(min_copies), tuple(sorted(set(checked))), float(min_std), int(max_pixels))
 
 
 @dataclass(frozen=True)
@@ -338,7 +268,7 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 def load_image(
-    path: Path, size: int, grayscale: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    path: Path, size: int, grayscale: bool = True, max_image_pixels: int = DiscardRules.max_image_pixels
 ) -> np.ndarray:
     """Decode -> EXIF transpose -> gray ("L") or RGB -> letterbox; returns uint8 (C, S, S).
 
@@ -472,20 +402,10 @@ def _decode_chunk(
                 if spread < rules.min_std:
                     reasons.append(f"{NEAR_CONSTANT} (std {spread:.2f} < {rules.min_std:g} grey levels)")
                     continue
-            square = np.asarray(_pad(fitted, size))  # (S, S) or (S, S, 3)
-            pixels[kept] = square[None] if square.ndim == 2 else square.transpose(2, 0, 1)
+            pixels[kept] = _pixels(_pad(fitted, size))
             kept += 1
             reasons.append("")
     return pixels[:kept], reasons
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Pool worker initializer: die with the building process (Linux) instead of lingering as an orphan."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _available_formats() -> tuple[str, ...]:
@@ -559,14 +479,9 @@ def scan_folder(raw_dir: Path) -> Scan:
     Raises DataError for a missing or empty folder and for fewer than two classes.
     """
     raw_dir = Path(raw_dir)
-    if not raw_dir.exists():
-        raise DataError(
-            f"data.raw_dir={raw_dir} does not exist: point data.raw_dir at a folder with one subfolder per class"
-        )
     if not raw_dir.is_dir():
-        raise DataError(
-            f"data.raw_dir={raw_dir} is not a folder: point data.raw_dir at a folder with one subfolder per class"
-        )
+        problem = "is not a folder" if raw_dir.exists() else "does not exist"
+        raise DataError(f"data.raw_dir={raw_dir} {problem}: point it at a folder with one subfolder per class")
     try:
         top = sorted(os.scandir(raw_dir), key=lambda entry: entry.name)
     except OSError as exc:
@@ -602,13 +517,13 @@ def scan_folder(raw_dir: Path) -> Scan:
     return Scan(classes=classes, files=files)
 
 
-def _fingerprint(scan: Scan, image_size: int, grayscale: bool, rules: DiscardRules) -> str:
-    """sha256 (first 16 hex) of every entry's (relative path, size, mtime_ns) and the settings."""
+def _fingerprint(scan: Scan, settings: _Settings) -> str:
+    """sha256 (first 16 hex) of every entry's (relative path, size, mtime_ns) and the settings that shape a cache."""
     key = {
         "files": [(raw.relative, raw.size, raw.mtime_ns) for raw in scan.files],
-        "image_size": image_size,
-        "grayscale": grayscale,
-        "discard": dataclasses.asdict(rules),
+        "image_size": settings.image_size,
+        "grayscale": settings.grayscale,
+        "discard": dataclasses.asdict(settings.rules),
         "version": PREPROCESS_VERSION,
     }
     return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:16]
@@ -735,8 +650,7 @@ def _decode_all(
     pool = concurrent.futures.ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context(START_METHOD),
-        initializer=_exit_with_parent,
-        initargs=(os.getpid(),),
+        initializer=exit_with_parent,
     )
     try:
         remaining = iter(chunks)
@@ -787,33 +701,6 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(handle.fileno())
 
 
-@contextlib.contextmanager
-def _build_lock(lock_path: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on lock_path while building; yields False where locks do not work.
-
-    A POSIX record lock (lockf): the kernel drops it when its holder dies, so a killed build
-    never blocks the next one, and forked decoding workers do not inherit it.
-    """
-    if fcntl is None:
-        yield False
-        return
-    with open(lock_path, "a") as handle:
-        locked = True
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # held by another process
-            log.info("waiting for another process that is building %s", lock_path.name[1:-5])
-            fcntl.lockf(handle, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without locks (some network mounts)
-            log.debug("no lock on %s (%s): a concurrent build may repeat the work", lock_path, exc)
-            locked = False
-        try:
-            yield locked
-        finally:
-            if locked:
-                fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
 def build_cache(
     raw_dir: str | Path,
     cache_dir: str | Path,
@@ -831,87 +718,106 @@ def build_cache(
     """
     raw_dir = Path(raw_dir).expanduser().absolute()
     cache_dir = Path(cache_dir).expanduser().absolute()
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise DataError(f"data.image_size={image_size!r} is not a positive integer: set it to e.g. 256")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise DataError(f"data.workers={workers!r} must be an integer >= 1 (or null for one per CPU)")
-    workers = workers or _default_workers()
-    grayscale = bool(grayscale)
-    rules = DiscardRules.from_mapping(discard)
-
+    rules = from_mapping(DiscardRules, discard, "data.discard")
     started = time.perf_counter()
     scan = scan_folder(raw_dir)
     if cache_dir.resolve().is_relative_to(raw_dir.resolve()):
         raise DataError(
             f"data.cache_dir={cache_dir} is inside data.raw_dir={raw_dir}: put the cache outside the raw folder"
         )
-    fingerprint = _fingerprint(scan, image_size, grayscale, rules)
-    name = f"{raw_dir.name}-{fingerprint}"
-    final = cache_dir / name
-    if _is_complete(final):
+    settings = _Settings(raw_dir, image_size, bool(grayscale), rules, workers or _default_workers(), progress)
+    fingerprint = _fingerprint(scan, settings)
+    final = cache_dir / f"{raw_dir.name}-{fingerprint}"
+    if _is_complete(final):  # no lock needed to read a finished cache (it works on a read-only cache_dir too)
         cache = load_cache(final)
         log.info("reusing cache %s (%d images)", final, len(cache))
         return cache
-    if final.exists():
-        raise DataError(f"cache {final} is incomplete (no 'done' marker): delete that folder and build it again")
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _build_lock(cache_dir / f".{name}.lock") as locked:
-        if _is_complete(final):  # another process built it while we waited for the lock
-            log.info("reusing cache %s, built by another process meanwhile", final)
-            return load_cache(final)
-        if locked:  # only lock holders build, so any temporary folder of this cache is a dead build's
-            for stale in cache_dir.glob(f".{name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            _build_into(tmp, raw_dir, scan, image_size, grayscale, rules, workers, progress, fingerprint, started)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not _is_complete(final):
-                    raise
-                log.info("another process built %s first; using theirs", final)
-                return load_cache(final)
-            _fsync_dir(cache_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    cache = dataclasses.replace(load_cache(final), built=True)
-    log.info("%s", format_report(cache))
+    built = build_folder(
+        final,
+        lambda tmp: _build_into(tmp, scan, settings, fingerprint, started),
+        is_complete=_is_complete,
+        replace_old=_refuse_incomplete,
+    )
+    cache = dataclasses.replace(load_cache(final), built=built)
+    if built:
+        log.info("%s", format_report(cache))
+    else:
+        log.info("reusing cache %s, built by another process meanwhile", final)
     return cache
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        handle = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+def _refuse_incomplete(path: Path) -> bool:
+    """`build_folder`'s replace_old: a cache folder without 'done' is reported, never replaced."""
+    raise DataError(f"cache {path} is incomplete (no 'done' marker): delete that folder and build it again")
 
 
-def _build_into(
-    tmp: Path,
-    raw_dir: Path,
-    scan: Scan,
-    image_size: int,
-    grayscale: bool,
-    rules: DiscardRules,
-    workers: int,
-    progress: bool,
-    fingerprint: str,
-    started: float,
-) -> None:
+@dataclass(frozen=True)
+class _Settings:
+    """What a cache is built from besides the files: one argument instead of six."""
+
+    raw_dir: Path
+    image_size: int  # S, pixels
+    grayscale: bool
+    rules: DiscardRules
+    workers: int  # decoding processes
+    progress: bool  # show a progress bar
+
+
+def _build_into(tmp: Path, scan: Scan, settings: _Settings, fingerprint: str, started: float) -> None:
     """Screen and decode every sample into a complete cache folder at tmp ('done' written last)."""
-    channels = 1 if grayscale else 3
+    raw_dir, rules = settings.raw_dir, settings.rules
     samples = scan.samples
     reasons: dict[str, str] = {raw.relative: raw.skip for raw in scan.files if raw.skip}  # relative -> reason
-
-    # 1. placeholders by content: never decoded
     hash_start = time.perf_counter()
+    placeholder_groups = _screen_without_decoding(samples, scan.classes, rules, settings.workers, reasons)
+    to_decode = [(raw, label) for raw, label in samples if raw.relative not in reasons]
+    decode_start = time.perf_counter()
+    kept_index, labels = _decode_into(tmp / "images.npy", to_decode, settings, reasons)
+    decode_seconds = time.perf_counter() - decode_start
+
+    counts = {name: int((labels == index).sum()) for index, name in enumerate(scan.classes)}
+    for name, count in counts.items():
+        if count == 0:
+            raise DataError(
+                f"no file of class {name!r} in data.raw_dir={raw_dir} could be kept: "
+                f"check or remove {raw_dir / name} (a discarded-per-reason summary is in the log)"
+            )
+    np.save(tmp / "labels.npy", labels)
+    _write_manifest(tmp / "manifest.csv", scan.files, kept_index, reasons)
+    _warn_about_unreadable(raw_dir, reasons)
+    _write_json(
+        tmp / "meta.json",
+        {
+            "classes": scan.classes,
+            "image_size": settings.image_size,
+            "grayscale": settings.grayscale,
+            "channels": 1 if settings.grayscale else 3,
+            "count": counts,
+            "kept": len(labels),
+            "discarded": len(reasons),
+            "files_seen": len(scan.files),
+            "discarded_by_reason": dict(sorted(Counter(_reason_kind(reason) for reason in reasons.values()).items())),
+            "placeholder_groups": placeholder_groups,
+            "discard": dataclasses.asdict(rules),
+            "fingerprint": fingerprint,
+            "raw_dir": str(raw_dir),
+            "preprocess_version": PREPROCESS_VERSION,
+            "workers": settings.workers,
+            "seconds": {
+                "scan": round(hash_start - started, 3),
+                "placeholders": round(decode_start - hash_start, 3),
+                "decode": round(decode_seconds, 3),
+                "total": round(time.perf_counter() - started, 3),
+            },
+        },
+    )
+    (tmp / "done").write_text("complete\n")
+
+
+def _screen_without_decoding(
+    samples: Sequence[tuple[RawFile, int]], classes: Sequence[str], rules: DiscardRules, workers: int, reasons: dict
+) -> list[dict[str, Any]]:
+    """Add the reasons of placeholders (by content) and empty files to `reasons`; the groups for meta.json."""
     groups = _placeholder_groups(samples, rules, threads=2 * workers)
     known = set(rules.known_digests)
     placeholder_groups = []
@@ -919,7 +825,7 @@ def _build_into(
         kind = KNOWN_DIGEST if digest in known else REPEATED
         for i in members:
             reasons[samples[i][0].relative] = f"{kind} (sha256 {digest[:12]}..., {len(members)} in this folder)"
-        per_class = Counter(scan.classes[samples[i][1]] for i in members)
+        per_class = Counter(classes[samples[i][1]] for i in members)
         placeholder_groups.append(
             {
                 "sha256": digest,
@@ -932,24 +838,31 @@ def _build_into(
     for raw, _ in samples:
         if raw.size == 0 and raw.relative not in reasons:
             reasons[raw.relative] = EMPTY
-    to_decode = [(raw, label) for raw, label in samples if raw.relative not in reasons]
-    hash_seconds = time.perf_counter() - hash_start
+    return placeholder_groups
 
-    # 2. decode in parallel, in order, appending kept images to images.npy as they arrive
-    decode_start = time.perf_counter()
+
+def _decode_into(
+    path: Path, to_decode: Sequence[tuple[RawFile, int]], settings: _Settings, reasons: dict[str, str]
+) -> tuple[dict[str, int], np.ndarray]:
+    """Decode in parallel, in order, appending kept images to the .npy at path as they arrive.
+
+    Adds the reason of every file not kept to `reasons`; returns (relative path -> row, labels int64 (N,)).
+    """
+    size, channels = settings.image_size, 1 if settings.grayscale else 3
     kept_index: dict[str, int] = {}
     labels: list[int] = []
-    with open(tmp / "images.npy", "wb") as images:
+    with open(path, "wb") as images:
         # header for the most rows we could keep; cut down to the kept rows afterwards
         np.lib.format.write_array_header_1_0(
-            images,
-            {"descr": "|u1", "fortran_order": False, "shape": (len(to_decode), channels, image_size, image_size)},
+            images, {"descr": "|u1", "fortran_order": False, "shape": (len(to_decode), channels, size, size)}
         )
-        bar = tqdm(total=len(to_decode), desc=f"preprocessing {raw_dir.name}", unit="img", disable=not progress)
+        desc = f"preprocessing {settings.raw_dir.name}"
+        bar = tqdm(total=len(to_decode), desc=desc, unit="img", disable=not settings.progress)
         # Warnings go through tqdm.write while the bar is shown, so they do not break it.
-        redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
+        redirect = logging_redirect_tqdm() if settings.progress else contextlib.nullcontext()
         jobs = [str(raw.path) for raw, _ in to_decode]
-        with redirect, bar, contextlib.closing(_decode_all(jobs, image_size, grayscale, rules, workers)) as decoded:
+        decoded = _decode_all(jobs, size, settings.grayscale, settings.rules, settings.workers)
+        with redirect, bar, contextlib.closing(decoded):
             position = 0
             for pixels, chunk_reasons in decoded:
                 images.write(pixels)  # (K, C, S, S) C-contiguous: the next K rows, no copy
@@ -965,57 +878,24 @@ def _build_into(
                 bar.update(len(chunk_reasons))
         images.flush()
         os.fsync(images.fileno())  # data on disk before 'done' says it is
-    _shrink_npy(tmp / "images.npy", len(labels))
-    decode_seconds = time.perf_counter() - decode_start
+    _shrink_npy(path, len(labels))
+    return kept_index, np.asarray(labels, dtype=np.int64)
 
-    label_array = np.asarray(labels, dtype=np.int64)
-    counts = {name: int((label_array == index).sum()) for index, name in enumerate(scan.classes)}
-    for name, count in counts.items():
-        if count == 0:
-            raise DataError(
-                f"no file of class {name!r} in data.raw_dir={raw_dir} could be kept: "
-                f"check or remove {raw_dir / name} (a discarded-per-reason summary is in the log)"
-            )
-    np.save(tmp / "labels.npy", label_array)
-    with open(tmp / "manifest.csv", "w", newline="", **_TEXT) as handle:
+
+def _write_manifest(
+    path: Path, files: Sequence[RawFile], kept_index: Mapping[str, int], reasons: Mapping[str, str]
+) -> None:
+    """manifest.csv: path,label,status,reason,index, one row per file seen, in path order."""
+    with open(path, "w", newline="", **_TEXT) as handle:
         writer = csv.writer(handle)
         writer.writerow(("path", "label", "status", "reason", "index"))
-        for raw in scan.files:
+        for raw in files:
             if raw.relative in kept_index:
                 writer.writerow((raw.relative, raw.class_name, "kept", "", kept_index[raw.relative]))
             else:
                 writer.writerow((raw.relative, raw.class_name, "discarded", reasons[raw.relative], ""))
         handle.flush()
         os.fsync(handle.fileno())
-    by_reason = Counter(_reason_kind(reason) for reason in reasons.values())
-    _warn_about_unreadable(raw_dir, reasons)
-    _write_json(
-        tmp / "meta.json",
-        {
-            "classes": scan.classes,
-            "image_size": image_size,
-            "grayscale": grayscale,
-            "channels": channels,
-            "count": counts,
-            "kept": len(labels),
-            "discarded": len(reasons),
-            "files_seen": len(scan.files),
-            "discarded_by_reason": dict(sorted(by_reason.items())),
-            "placeholder_groups": placeholder_groups,
-            "discard": dataclasses.asdict(rules),
-            "fingerprint": fingerprint,
-            "raw_dir": str(raw_dir),
-            "preprocess_version": PREPROCESS_VERSION,
-            "workers": workers,
-            "seconds": {
-                "scan": round(hash_start - started, 3),
-                "placeholders": round(hash_seconds, 3),
-                "decode": round(decode_seconds, 3),
-                "total": round(time.perf_counter() - started, 3),
-            },
-        },
-    )
-    (tmp / "done").write_text("complete\n")
 
 
 def _reason_kind(reason: str) -> str:

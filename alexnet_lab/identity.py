@@ -1,0 +1,187 @@
+"""Which runs are the same, what tells them apart, and which are done: one run identity.
+
+One list, :data:`NOT_LEARNED`, names the config keys that do not change what a run learns
+(paths, progress bars, ``resume``, device placement, verdict thresholds). Run dir names
+(:func:`run_name`, from the command-line overrides), the report's grouping of runs into
+experiments (:func:`experiment_key`) and its "what differs" column (:func:`config_diff`) all
+leave those keys out, so ``resume=true`` or another cache folder never makes a run look new.
+Nothing here imports more than the standard library and PyYAML.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+#: Config keys (glob patterns) that do not change what is learned.
+NOT_LEARNED = (
+    "run_name",
+    "resume",
+    "data.raw_dir",
+    "data.cache_dir",
+    "data.progress",
+    "data.workers",
+    "data.on_device",
+    "trainer.enable_progress_bar",
+    "trainer.accelerator",
+    "verdicts.*",
+    "hydra.*",
+    "hydra/*",
+)
+#: metrics.json statuses of a run that is over: ``resume=true`` skips it and its numbers count.
+FINISHED = ("ok", "diverged")
+#: Longest run name in bytes: a run dir is ``<job>_<name>`` or ``<date>_<time>_<name>``, and file
+#: systems allow 255 bytes per name; longer names end in a hash of the overrides instead.
+MAX_NAME_BYTES = 160
+
+
+def is_learned(key: str) -> bool:
+    """Whether a config key can change what a run learns (not in :data:`NOT_LEARNED`)."""
+    return not any(fnmatch.fnmatchcase(key, pattern) for pattern in NOT_LEARNED)
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: ``+trainer.x=1`` -> ``trainer.x``, ``~seed`` -> ``seed``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def run_name(overrides: Sequence[str]) -> str:
+    """A run's name: its overrides that change what is learned, readable and short enough for a dir name.
+
+    ``["experiment=ablation_2_dropout", "seed=1", "resume=true"]`` -> ``ablation_2_dropout,seed=1``;
+    no overrides -> ``default``. A name over :data:`MAX_NAME_BYTES` is cut and ends in a short
+    hash of the whole list (the full overrides stay in the run's ``.hydra/overrides.yaml``).
+    """
+    learned = [override for override in overrides if is_learned(override_key(override))]
+    name = ",".join(override.removeprefix("experiment=") for override in learned).replace("/", "_") or "default"
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256("\n".join(learned).encode()).hexdigest()[:8]
+    return name.encode()[: MAX_NAME_BYTES - 9].decode(errors="ignore") + "-" + digest
+
+
+def read_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides Hydra stored in a run dir (``.hydra/overrides.yaml``), if readable."""
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return [str(item) for item in overrides] if isinstance(overrides, list) else None
+
+
+def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run dir's metrics.json if it records a finished run (ok or diverged), else None."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("status") in FINISHED else None
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+class Comparable(Protocol):
+    """A run as far as identity is concerned: its flattened config and its config group choices."""
+
+    config: dict[str, Any]  # {"model.downscale": 16, ...}
+    choices: dict[str, str]  # {"optim": "adam", ...}
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"downscale": 16}}`` -> ``{"model.downscale": 16}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def format_value(value: Any) -> str:
+    """A config value as an override writes it: ``true``, ``0.001``, ``[1,2]``."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def config_diff(previous: Comparable | None, run: Comparable, *, ignore: Sequence[str] = ()) -> str:
+    """What differs in ``run``'s config from ``previous``'s, as overrides: ``data.balance=true, optim=sgd``.
+
+    A changed config group shows as ``group=choice``; the keys that come with it (present on
+    one side only, or the group's ``name``) are implied by it and left out.
+    """
+    if previous is None or not previous.config or not run.config:
+        return ""  # the first run, or a run whose .hydra/config.yaml is missing: nothing to compare
+    changed_groups = [
+        group
+        for group in sorted(set(previous.choices) | set(run.choices))
+        if group != "experiment" and previous.choices.get(group) != run.choices.get(group)
+    ]
+    parts = [f"{group}={run.choices.get(group)}" for group in changed_groups]
+    missing = object()
+    for key in sorted(set(previous.config) | set(run.config)):
+        if not is_learned(key) or key in ignore:
+            continue
+        old, new = previous.config.get(key, missing), run.config.get(key, missing)
+        if old == new and type(old) is type(new):
+            continue
+        in_changed_group = any(key.startswith(f"{group}.") for group in changed_groups)
+        if in_changed_group and (old is missing or new is missing or key.rsplit(".", 1)[-1] == "name"):
+            continue
+        parts.append(f"~{key}" if new is missing else f"{key}={format_value(new)}")
+    return ", ".join(parts)
+
+
+def experiment_key(run: Comparable) -> tuple[Any, ...]:
+    """What runs of one experiment share: every learned key but ``seed``, and the group choices."""
+    learned = sorted((key, repr(value)) for key, value in run.config.items() if is_learned(key) and key != "seed")
+    return (*learned, *sorted(run.choices.items()))
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def split_name(name: str) -> list[str]:
+    """Split a run name at the commas between overrides, not those inside ``{...}`` or ``[...]``."""
+    parts, depth, current = [], 0, ""
+    for char in name:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [part for part in parts if part]
+
+
+def strip_common(names: Sequence[str]) -> list[str]:
+    """Drop the overrides that every name shares (``trainer.max_epochs=1`` on a whole sweep)."""
+    if len(names) < 2:
+        return list(names)
+    split = [split_name(name) for name in names]
+    common = set(split[0]).intersection(*split[1:])
+    return [",".join(p for p in parts if p not in common) or name for parts, name in zip(split, names)]
+
+
+def without_seed(name: str) -> str:
+    return ",".join(part for part in split_name(name) if not part.startswith("seed=")) or "default"
+
+
+def natural_key(text: str) -> tuple[Any, ...]:
+    """Sort key that puts ``ablation_2`` before ``ablation_10`` (numbers compare as numbers)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
