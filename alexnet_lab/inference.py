@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import glob
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import re
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,14 +82,6 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"ckpt_path={path} does not exist: pass a .ckpt file or a run dir (outputs/runs/...)")
     return path
-
-
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run dir a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` or ``<run>/x.ckpt``), if it has a config."""
-    for folder in (checkpoint.parent.parent, checkpoint.parent):
-        if (folder / RUN_CONFIG).is_file():
-            return folder
-    return None
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -163,32 +156,6 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def quiet_trainer(device: str, precision: str | None) -> pl.Trainer:
-    """A Trainer for test/predict only: no logger, checkpoints, summary or progress bar.
-
-    ``device``: auto, cpu, cuda or cuda:N (Lightning's accelerator, and the GPU's index);
-    ``precision``: a Lightning precision, None for Lightning's default (32-true).
-    What Lightning refuses is one ConfigError line naming ``device`` or ``precision``.
-    """
-    accelerator, _, index = str(device).partition(":")
-    try:
-        with _quiet():
-            return pl.Trainer(
-                accelerator=accelerator,
-                devices=[int(index)] if index.isdigit() else index or 1,
-                precision=precision,  # type: ignore[arg-type]
-                logger=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=False,
-            )
-    except Exception as err:  # Lightning's MisconfigurationException, ValueError or TypeError
-        if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
-            raise ConfigError(f"device={device}: no GPU here; use device=auto or cpu") from None
-        key, value = ("precision", precision) if "precision" in str(err).lower() else ("device", device)
-        raise ConfigError(f"{key}={value}: {one_line(err)}") from None
-
-
 @dataclass
 class TrainedModel:
     """A checkpoint ready for inference: the module, how to preprocess images for it, and where to run it."""
@@ -199,9 +166,8 @@ class TrainedModel:
     run_config: DictConfig | None  # that run's resolved config
     image_size: int  # px: images are letterboxed to image_size x image_size
     grayscale: bool  # 1 channel if True, else RGB
-    device: str  # auto, cpu, cuda or cuda:N
-    precision: str  # a Lightning precision, as the run trained (or as asked)
-    epoch: int | None = None  # epoch the checkpoint was saved at (0-based), if recorded
+    device: str  # auto, cpu, cuda or cuda:N (Lightning's accelerator, and the GPU's index)
+    precision: str | None  # a Lightning precision, as the run trained (or as asked); None: Lightning's default
     data_fingerprint: str | None = None  # fingerprint of the data cache it was trained on, if recorded
 
     @property
@@ -209,8 +175,18 @@ class TrainedModel:
         return self.module.classes
 
     def trainer(self) -> pl.Trainer:
-        """A fresh quiet Trainer on this model's device and precision."""
-        return quiet_trainer(self.device, self.precision)
+        """A fresh Trainer for test/predict only: no logger, checkpoints, summary or progress bar."""
+        accelerator, _, index = self.device.partition(":")
+        with _quiet():
+            return pl.Trainer(
+                accelerator=accelerator,
+                devices=[int(index)] if index.isdigit() else index or 1,
+                precision=self.precision,  # type: ignore[arg-type]
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=False,
+            )
 
 
 def _preprocessing(path: Path, checkpoint: dict[str, Any], run_config: DictConfig | None,
@@ -249,7 +225,8 @@ def load_trained(
     path = find_checkpoint(ckpt)
     checkpoint = _read_checkpoint(path)
     module = _build_module(path, checkpoint)
-    run_dir = run_dir_of(path)
+    # the run dir it belongs to (<run>/checkpoints/x.ckpt or <run>/x.ckpt), if it has a config
+    run_dir = next((folder for folder in (path.parent.parent, path.parent) if (folder / RUN_CONFIG).is_file()), None)
     run_config: DictConfig | None = None
     if run_dir is not None:
         try:
@@ -262,11 +239,9 @@ def load_trained(
     size, grayscale = _preprocessing(path, checkpoint, run_config, image_size, module.net.config.in_channels)
     if precision is None and run_config is not None:
         precision = OmegaConf.select(run_config, "trainer.precision")  # as trained; else Lightning's default
-    trainer = quiet_trainer(device, precision)  # an impossible device or precision fails here, in one line
     stored = checkpoint.get("preprocessing")
     fingerprint = stored.get("data_fingerprint") if isinstance(stored, dict) else None
-    epoch = checkpoint.get("epoch")
-    return TrainedModel(
+    model = TrainedModel(
         module=module.eval(),
         checkpoint=path,
         run_dir=run_dir,
@@ -274,10 +249,17 @@ def load_trained(
         image_size=size,
         grayscale=grayscale,
         device=str(device),
-        precision=trainer.precision,  # as Lightning took it (16-mixed is bf16-mixed on a CPU)
-        epoch=epoch if isinstance(epoch, int) else None,
+        precision=precision,
         data_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
     )
+    try:  # an impossible device or precision fails here, in one line
+        model.precision = model.trainer().precision  # as Lightning took it (16-mixed is bf16-mixed on a CPU)
+    except Exception as err:  # Lightning's MisconfigurationException, ValueError or TypeError
+        if model.device.partition(":")[0] in ("cuda", "gpu") and not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: no GPU here; use device=auto or cpu") from None
+        key, value = ("precision", precision) if "precision" in str(err).lower() else ("device", device)
+        raise ConfigError(f"{key}={value}: {one_line(err)}") from None
+    return model
 
 
 def _as_model(ckpt: str | Path | TrainedModel, **options: Any) -> TrainedModel:
@@ -298,52 +280,34 @@ class Evaluation:
     loss: float  # mean cross-entropy, nats
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) not decodable
     note: str = ""  # a caveat, e.g. that the data changed since training
+    # read off ``confusion`` once, by the module's own definitions (metrics.confusion_summary)
+    images: int = field(init=False)
+    acc: float = field(init=False)
+    balanced_acc: float = field(init=False)  # mean recall over the classes present in the data
+    per_class_recall: dict[str, float | None] = field(init=False)  # None for a class with no image in the data
+    pred_frac: dict[str, float] = field(init=False)  # fraction of the predictions that go to each class
 
-    def _summary(self) -> dict[str, float]:
-        values = confusion_summary(torch.from_numpy(self.confusion), self.classes)  # the module's own definitions
-        return {name: float(value) for name, value in values.items()}
-
-    @property
-    def images(self) -> int:
-        return int(self.confusion.sum())
-
-    @property
-    def acc(self) -> float:
-        return self._summary()["acc"]
-
-    @property
-    def balanced_acc(self) -> float:
-        """Mean recall over the classes present in the data."""
-        return self._summary()["balanced_acc"]
-
-    @property
-    def per_class_recall(self) -> dict[str, float | None]:
-        """Recall of each class; None for a class with no image in the data."""
+    def __post_init__(self) -> None:
+        values = confusion_summary(torch.from_numpy(self.confusion), self.classes)
+        summary = {name: float(value) for name, value in values.items()}
         present = self.confusion.sum(axis=1) > 0
-        summary = self._summary()
-        return {name: summary[f"recall/{name}"] if present[i] else None for i, name in enumerate(self.classes)}
-
-    @property
-    def pred_frac(self) -> dict[str, float]:
-        summary = self._summary()
-        return {name: summary[f"pred_frac/{name}"] for name in self.classes}
+        self.images = int(self.confusion.sum())
+        self.acc = summary["acc"]
+        self.balanced_acc = summary["balanced_acc"]
+        self.per_class_recall = {
+            name: summary[f"recall/{name}"] if present[i] else None for i, name in enumerate(self.classes)
+        }
+        self.pred_frac = {name: summary[f"pred_frac/{name}"] for name in self.classes}
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON (NaN-free: an absent class has recall null)."""
+        """Every field as plain data for JSON (NaN-free: an absent class has recall null), the long lists last."""
+        lists = ("confusion", "skipped")  # written last, as plain lists
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in lists}
         return {
-            "checkpoint": self.checkpoint,
-            "data": self.data,
-            "images": self.images,
-            "classes": self.classes,
-            "acc": self.acc,
-            "balanced_acc": self.balanced_acc,
-            "loss": self.loss,
-            "per_class_recall": self.per_class_recall,
-            "pred_frac": self.pred_frac,
+            **plain,
             "confusion_matrix": self.confusion.tolist(),
             "confusion_matrix_axes": "rows: true class, columns: predicted class, in the order of classes",
             "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
-            "note": self.note,
         }
 
     def report(self) -> str:
@@ -500,24 +464,11 @@ class Prediction:
         return self.label is not None
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    """Image files under folder, recursively, hidden files and folders skipped, sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found += [
-            Path(root) / name
-            for name in files
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in preprocess.IMAGE_EXTENSIONS
-        ]
-    return sorted(found)
-
-
 def image_paths(inputs: str | Path | Iterable[str | Path]) -> list[tuple[Path, str]]:
     """Files to predict, in order: (path, "") per image, (path, reason) for an input that is not there.
 
-    A folder stands for its image files (recursively); a file is taken whatever its
-    extension (it is reported if it does not decode).
+    A folder stands for its image files (recursively, following links; hidden files and folders
+    skipped); a file is taken whatever its extension (it is reported if it does not decode).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -525,7 +476,12 @@ def image_paths(inputs: str | Path | Iterable[str | Path]) -> list[tuple[Path, s
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            files = _folder_images(path)
+            names = glob.glob("**", root_dir=path, recursive=True)  # "**" skips hidden names
+            files = sorted(
+                path / name
+                for name in names
+                if os.path.splitext(name)[1].lower() in preprocess.IMAGE_EXTENSIONS and not (path / name).is_dir()
+            )
             found += [(file, "") for file in files] or [(path, "no image files in this folder")]
         elif path.exists():
             found.append((path, ""))
@@ -543,7 +499,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths: Sequence[Path], image_size: int, grayscale: bool) -> None:
         self.paths, self.image_size, self.grayscale = list(paths), image_size, grayscale
-        self.errors: dict[int, str] = {}  # index -> why that file was not read
+        self.errors: dict[Path, str] = {}  # file -> why it was not read
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -555,7 +511,7 @@ class ImageFiles(Dataset):
                 raise ValueError("empty file (0 bytes)")
             return torch.from_numpy(preprocess.load_image(path, self.image_size, self.grayscale))
         except Exception as err:  # any decoder failure: report this file, go on with the others
-            self.errors[index] = _describe(err)
+            self.errors[path] = _describe(err)
             return torch.zeros((1 if self.grayscale else 3, self.image_size, self.image_size), dtype=torch.uint8)
 
 
@@ -575,19 +531,18 @@ def predict(
     model = _as_model(ckpt, **options)
     entries = image_paths(images)
     files = ImageFiles([path for path, reason in entries if not reason], model.image_size, model.grayscale)
-    rows: Iterator[np.ndarray] = iter(())
+    rows: dict[Path, np.ndarray] = {}  # file -> (num_classes,) probabilities
     if len(files):
         with _quiet():
             batches = model.trainer().predict(model.module, DataLoader(files, batch_size=batch_size))
-        rows = iter(torch.cat(batches).numpy())  # type: ignore[arg-type]  # (N, num_classes) probabilities, in order
-    results, index = [], 0
+        rows = dict(zip(files.paths, torch.cat(batches).numpy()))  # type: ignore[arg-type]
+    results = []
     for path, reason in entries:
-        if not reason:
-            reason, row = files.errors.get(index, ""), next(rows)
-            index += 1
+        reason = reason or files.errors.get(path, "")
         if reason:
             results.append(Prediction(str(path), None, math.nan, {}, reason))
             continue
+        row = rows[path]
         best = int(row.argmax())
         probabilities = {name: float(p) for name, p in zip(model.classes, row)}
         results.append(Prediction(str(path), model.classes[best], float(row[best]), probabilities))
@@ -672,6 +627,16 @@ def _load_for(cfg: EvalConfig | PredictConfig) -> TrainedModel:
     return load_trained(cfg.ckpt_path, device=cfg.device, image_size=cfg.image_size, precision=cfg.precision)
 
 
+def _write_out(out: Path, write: Callable[[Path], Any]) -> None:
+    """``write(out)`` into a folder made if needed, then say so; an OSError is one DataError line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(out)
+    except OSError as err:
+        raise DataError(f"cannot write {out} ({_describe(err)}): pass out=PATH somewhere writable") from None
+    print(f"wrote {out}")
+
+
 def eval_main(cfg: EvalConfig) -> Evaluation:
     """``python eval.py ckpt_path=PATH [data=folder data.raw_dir=DIR]``: print the results, write them as JSON."""
     model = _load_for(cfg)
@@ -684,12 +649,7 @@ def eval_main(cfg: EvalConfig) -> Evaluation:
         result, name = evaluate_split(model, cfg.split), cfg.split
     print(result.report())
     out = Path(cfg.out).expanduser() if cfg.out else default_eval_path(model, name)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, result.to_dict())
-    except OSError as err:
-        raise DataError(f"cannot write {out} ({_describe(err)}): pass out=PATH somewhere writable") from None
-    print(f"wrote {out}")
+    _write_out(out, lambda path: write_json(path, result.to_dict()))
     return result
 
 
@@ -706,11 +666,7 @@ def predict_main(cfg: PredictConfig, extra_paths: Sequence[str] = ()) -> list[Pr
     predictions = predict(model, paths, batch_size=cfg.batch_size)
     print(format_predictions(predictions))
     if cfg.out:
-        try:
-            out = write_predictions_csv(predictions, cfg.out, model.classes)
-        except OSError as err:
-            raise DataError(f"cannot write {cfg.out} ({_describe(err)}): pass out=PATH somewhere writable") from None
-        print(f"wrote {out}")
+        _write_out(Path(cfg.out).expanduser(), lambda path: write_predictions_csv(predictions, path, model.classes))
     if not any(row.ok for row in predictions):
         sys.exit(1)
     return predictions

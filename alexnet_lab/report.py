@@ -25,13 +25,12 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from alexnet_lab.errors import LabError, from_mapping
+from alexnet_lab.errors import LabError, from_mapping, one_line
 from alexnet_lab.identity import (
     FINISHED, config_diff, experiment_key, flatten, natural_key, read_overrides, run_name, strip_common, without_seed
 )
@@ -50,21 +49,32 @@ PALETTE = (
     "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
 )
 
-#: (key in the report rows, column header); the CSV uses the keys, report.md the headers.
-RUN_COLUMNS = (
-    ("run", "run"),
-    ("differs", "what differs from the previous run"),
-    ("val_acc_best", "best val acc"),
-    ("val_acc", "final val acc"),
-    ("val_balanced_acc", "final val bal. acc"),
-    ("test_acc", "test acc"),
-    ("test_balanced_acc", "test bal. acc"),
-    ("epochs", "epochs"),
-    ("wall_s", "wall s"),
-    ("verdicts", "verdicts"),
-    ("status", "status"),
-)
-METRIC_KEYS = ("val_acc_best", "val_acc", "val_balanced_acc", "test_acc", "test_balanced_acc", "epochs", "wall_s")
+#: {key in metrics.json and in the report rows: column header}: the numbers every run reports.
+METRICS = {
+    "val_acc_best": "best val acc",
+    "val_acc": "final val acc",
+    "val_balanced_acc": "final val bal. acc",
+    "test_acc": "test acc",
+    "test_balanced_acc": "test bal. acc",
+    "epochs": "epochs",
+    "wall_s": "wall s",
+}
+#: The run table's {key: header}; the CSV uses the keys (then ``error`` and ``dir``), report.md the headers.
+RUN_COLUMNS = {
+    "run": "run",
+    "differs": "what differs from the previous run",
+    **METRICS,
+    "verdicts": "verdicts",
+    "status": "status",
+}
+#: The per-experiment table's {key in :func:`experiment_rows`: header}; each metric shows mean ± std.
+EXPERIMENT_COLUMNS = {
+    "experiment": "experiment",
+    "runs": "runs",
+    "differs": "what differs from the previous experiment",
+    **METRICS,
+    "verdicts": "verdicts",
+}
 
 
 class ReportError(LabError):
@@ -154,20 +164,15 @@ def load_run(path: str | Path) -> Run:
     config = _load_yaml(path / ".hydra" / "config.yaml")
     hydra_cfg = _load_yaml(path / ".hydra" / "hydra.yaml").get("hydra", {})
     choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
-    metrics: dict[str, Any] = {}
-    error = ""
-    metrics_file = path / "metrics.json"
-    if not metrics_file.is_file():
-        status = "no metrics.json"
-    else:
-        try:
-            metrics = json.loads(metrics_file.read_text())
-            if not isinstance(metrics, dict):
-                raise ValueError("not a JSON object")
-            status = str(metrics.get("status", "ok"))
-            error = str(metrics.get("error", ""))
-        except (OSError, ValueError) as err:
-            metrics, status, error = {}, "unreadable metrics.json", str(err).splitlines()[0]
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        if not isinstance(metrics, dict):
+            raise TypeError("not a JSON object")
+        status, error = str(metrics.get("status", "ok")), str(metrics.get("error", ""))
+    except FileNotFoundError:
+        metrics, status, error = {}, "no metrics.json", ""
+    except (OSError, ValueError, TypeError) as err:
+        metrics, status, error = {}, "unreadable metrics.json", one_line(err)
     try:
         thresholds = from_mapping(VerdictThresholds, config.get("verdicts"), "verdicts")
     except (TypeError, ValueError):  # a damaged thresholds block: judge by the defaults
@@ -223,21 +228,20 @@ def _number(metrics: Mapping[str, Any], key: str) -> float:
 
 
 def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per run (keys: :data:`RUN_COLUMNS` + ``error``, ``dir``), in the order given."""
+    """One row per run (keys: those of :data:`RUN_COLUMNS`, ``error``, ``dir``), in the order given."""
     labels = strip_common([run.label for run in runs])
-    rows = []
-    for index, (run, label) in enumerate(zip(runs, labels)):
-        row: dict[str, Any] = {
+    return [
+        {
             "run": label,
             "differs": config_diff(runs[index - 1] if index else None, run),
-            **{key: _number(run.metrics, key) for key in METRIC_KEYS},
+            **{key: _number(run.metrics, key) for key in METRICS},
             "verdicts": ", ".join(run.verdicts),
             "status": run.status,
             "error": run.error,
             "dir": run.path.name,
         }
-        rows.append(row)
-    return rows
+        for index, (run, label) in enumerate(zip(runs, labels))
+    ]
 
 
 @dataclass
@@ -250,12 +254,6 @@ class Experiment:
     @property
     def finished(self) -> list[Run]:
         return [run for run in self.runs if run.finished]
-
-    @cached_property
-    def curves(self) -> dict[str, Curve]:
-        """The curve of every plotted history key (``train/loss``, ``val/acc``, ...), computed once for all figures."""
-        keys = [f"{split}/{suffix}" for _, suffix in PANELS for split, _, _ in SPLITS]
-        return {key: experiment_curve(self, key) for key in keys}
 
 
 def group_runs(runs: Sequence[Run]) -> list[Experiment]:
@@ -282,9 +280,9 @@ def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
             "finished": len(finished),
             "differs": config_diff(previous, experiment.runs[0], ignore=("seed",)),
         }
-        table = np.array([[_number(run.metrics, key) for key in METRIC_KEYS] for run in finished])  # (runs, keys)
-        means, stds = _mean_std(table.reshape(-1, len(METRIC_KEYS)))
-        for key, mean, std in zip(METRIC_KEYS, means, stds):
+        table = np.array([[_number(run.metrics, key) for key in METRICS] for run in finished])  # (runs, keys)
+        means, stds = _mean_std(table.reshape(-1, len(METRICS)))
+        for key, mean, std in zip(METRICS, means, stds):
             row[f"{key}_mean"], row[f"{key}_std"] = float(mean), float(std)
         counts = {name: sum(name in run.verdicts for run in finished) for name in VERDICTS}
         row["verdicts"] = ", ".join(
@@ -292,22 +290,6 @@ def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
         )
         rows.append(row)
     return rows
-
-
-# --------------------------------------------------------------------------- curves
-
-#: (panel, history key suffix); each panel shows train (dashed) and val (solid).
-PANELS = (("loss", "loss"), ("accuracy", "acc"))
-SPLITS = (("train", "--", "dash"), ("val", "-", "solid"))  # (split, matplotlib style, plotly dash)
-
-
-@dataclass
-class Curve:
-    """One experiment's per-epoch mean (and std over seeds) of one history key."""
-
-    epochs: np.ndarray  # (E,) 1-based
-    mean: np.ndarray  # (E,)
-    std: np.ndarray  # (E,) NaN where fewer than two runs
 
 
 def _mean_std(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -323,60 +305,38 @@ def _mean_std(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.nanmean(table, axis=0), np.where(counts > 1, np.nanstd(table, axis=0, ddof=1), np.nan)
 
 
-def experiment_curve(experiment: Experiment, key: str) -> Curve:
-    """Mean and spread over the experiment's runs of ``key`` per epoch; runs of different length pad with NaN."""
-    series = [[float(row.get(key, math.nan)) for row in run.history] for run in experiment.runs if run.history]
-    length = max((len(s) for s in series), default=0)
-    table = np.full((len(series), length), np.nan)  # (runs, epochs)
-    for i, values in enumerate(series):
-        table[i, : len(values)] = values
-    mean, std = _mean_std(table)
-    return Curve(epochs=np.arange(1, length + 1), mean=mean, std=std)
-
-
-def _accuracy_floor(experiments: Sequence[Experiment]) -> float:
-    """Bottom of the accuracy axis: 0.4 (just under a coin toss) unless some curve goes lower."""
-    lowest = [
-        float(np.nanmin(curve.mean))
-        for experiment in experiments
-        for split, _, _ in SPLITS
-        if (curve := experiment.curves[f"{split}/acc"]).mean.size and np.isfinite(curve.mean).any()
-    ]
-    return max(0.0, math.floor(min([0.45, *lowest]) * 10 - 0.5) / 10)
-
-
-def _legend_label(experiment: Experiment) -> str:
-    finished = experiment.finished
-    if not finished:
-        return f"{experiment.label} ({experiment.runs[0].status})"
-    shared = [name for name in VERDICTS if sum(name in run.verdicts for run in finished) * 2 > len(finished)]
-    seeds = f" ×{len(experiment.runs)}" if len(experiment.runs) > 1 else ""
-    return f"{experiment.label}{seeds}" + (f": {', '.join(shared)}" if shared else "")
-
-
 # --------------------------------------------------------------------------- the report's content
 
 
 @dataclass
 class Report:
-    """What every renderer shows (markdown, CSV, HTML, PNG, plotly), computed once by :func:`build_report`."""
+    """What every renderer shows (markdown, CSV, HTML, the figures), computed once by :func:`build_report`."""
 
     title: str
     runs: list[Run]
     rows: list[dict[str, Any]]  # run_rows(runs)
-    experiments: list[Experiment]  # group_runs(runs); each holds its curves
+    experiments: list[Experiment]  # group_runs(runs)
     experiment_rows: list[dict[str, Any]]
-    accuracy_floor: float  # bottom of the accuracy axis in both figures
-
-    @property
-    def has_seeds(self) -> bool:
-        """Whether some experiment has several runs (then the report adds the per-experiment table)."""
-        return any(len(experiment.runs) > 1 for experiment in self.experiments)
 
     @property
     def rules(self) -> dict[str, str]:
         """The verdict rules, with the first run's thresholds filled in."""
         return describe_verdicts(self.runs[0].thresholds if self.runs else None)
+
+    @property
+    def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
+        """(heading, headers, cells) of each table of report.md and report.html.
+
+        Every run; then, when some experiment has several seeds, every experiment with mean ± std.
+        """
+        tables = [("", RUN_COLUMNS, self.rows)]
+        if any(len(experiment.runs) > 1 for experiment in self.experiments):
+            heading = "Per experiment: mean ± standard deviation over seeds"
+            tables.append((heading, EXPERIMENT_COLUMNS, self.experiment_rows))
+        return [
+            (heading, list(columns.values()), [[_cell(row, key) for key in columns] for row in rows])
+            for heading, columns, rows in tables
+        ]
 
 
 def build_report(source: str | Path | Sequence[Run] | Report, title: str = "") -> Report:
@@ -385,49 +345,35 @@ def build_report(source: str | Path | Sequence[Run] | Report, title: str = "") -
         return source
     runs = load_runs(source) if isinstance(source, (str, Path)) else list(source)
     experiments = group_runs(runs)
-    return Report(title, runs, run_rows(runs), experiments, experiment_rows(experiments), _accuracy_floor(experiments))
+    return Report(title, runs, run_rows(runs), experiments, experiment_rows(experiments))
 
 
 # --------------------------------------------------------------------------- tables as text
 
 
-def _cell(value: Any, key: str = "") -> str:
+def _text(value: Any, key: str) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "—"
         return f"{value:.0f}" if key in ("wall_s", "epochs") else f"{value:.3f}"
-    return str(value).replace("|", "\\|") or "—"
+    return str(value) or "—"
 
 
-def _run_table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    headers = [header for _, header in RUN_COLUMNS]
-    cells = []
-    for row in rows:
-        status = row["status"] + (f": {row['error']}" if row["error"] else "")
-        cells.append([_cell(status if key == "status" else row[key], key) for key, _ in RUN_COLUMNS])
-    return headers, cells
-
-
-def _experiment_table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    headers = ["experiment", "runs", "what differs from the previous experiment"]
-    headers += [header for key, header in RUN_COLUMNS if key in METRIC_KEYS] + ["verdicts"]
-    cells = []
-    for row in rows:
-        runs = str(row["runs"]) if row["finished"] == row["runs"] else f"{row['finished']} of {row['runs']} finished"
-        line = [_cell(row["experiment"]), runs, _cell(row["differs"])]
-        for key in METRIC_KEYS:
-            mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-            line.append(_cell(mean, key) + ("" if not math.isfinite(std) else f" ± {_cell(std, key)}"))
-        cells.append(line + [_cell(row["verdicts"])])
-    return headers, cells
-
-
-SEEDS_HEADING = "Per experiment: mean ± standard deviation over seeds"
+def _cell(row: Mapping[str, Any], key: str) -> str:
+    """A table cell of report.md and report.html: three decimals (epochs and seconds whole), a dash for nothing."""
+    if key == "status" and row["error"]:
+        return f"{row['status']}: {row['error']}"
+    if key == "runs" and row["finished"] != row["runs"]:
+        return f"{row['finished']} of {row['runs']} finished"
+    if f"{key}_mean" in row:  # an experiment's metric: mean ± std over its finished runs
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        return _text(mean, key) + (f" ± {_text(std, key)}" if math.isfinite(std) else "")
+    return _text(row[key], key)
 
 
 def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -435,9 +381,8 @@ def report_markdown(report: Report) -> str:
     """report.md: the run table, the per-experiment table when there are seeds, the curves, the verdict rules."""
     parts = [f"# Sweep report: {report.title}" if report.title else "# Sweep report", ""]
     parts += [f"{len(report.runs)} runs, {sum(run.finished for run in report.runs)} finished.", ""]
-    parts += [_markdown_table(*_run_table_cells(report.rows)), ""]
-    if report.has_seeds:
-        parts += [f"## {SEEDS_HEADING}", "", _markdown_table(*_experiment_table_cells(report.experiment_rows)), ""]
+    for heading, headers, cells in report.tables:
+        parts += ([f"## {heading}", ""] if heading else []) + [_markdown_table(headers, cells), ""]
     parts += ["![loss and accuracy per epoch](curves.png)", "", "Interactive curves: report.html.", ""]
     parts += ["## Verdicts", ""]
     parts += [f"- `{name}`: {text}" for name, text in report.rules.items()]
@@ -447,8 +392,7 @@ def report_markdown(report: Report) -> str:
 def report_csv(report: Report) -> str:
     """report.csv: one row per run, full precision, empty cells for missing numbers."""
     buffer = io.StringIO()
-    keys = [key for key, _ in RUN_COLUMNS] + ["error", "dir"]
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*RUN_COLUMNS, "error", "dir"], lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
         writer.writerow({key: _csv_value(key, value) for key, value in row.items()})
@@ -469,12 +413,13 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def report_html(report: Report) -> str:
-    """report.html: the tables and the interactive curves, plotly.js embedded so it opens offline."""
-    tables = _html_table(*_run_table_cells(report.rows))
-    if report.has_seeds:
-        tables += f"<h2>{SEEDS_HEADING}</h2>" + _html_table(*_experiment_table_cells(report.experiment_rows))
-    figure = plot_training_stats(report).to_html(full_html=False, include_plotlyjs=True)
+def report_html(report: Report, figure: go.Figure) -> str:
+    """report.html: the tables and the interactive ``figure``, plotly.js embedded so it opens offline."""
+    tables = "".join(
+        (f"<h2>{html.escape(heading)}</h2>" if heading else "") + _html_table(headers, cells)
+        for heading, headers, cells in report.tables
+    )
+    plot = figure.to_html(full_html=False, include_plotlyjs=True)
     rules = "".join(f"<li><code>{name}</code>: {html.escape(text)}</li>" for name, text in report.rules.items())
     style = (
         "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
@@ -484,19 +429,39 @@ def report_html(report: Report) -> str:
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
         f"<style>{style}</style></head><body><h1>Sweep report: {title}</h1>"
-        f"{tables}{figure}<h2>Verdicts</h2><ul>{rules}</ul></body></html>\n"
+        f"{tables}{plot}<h2>Verdicts</h2><ul>{rules}</ul></body></html>\n"
     )
 
 
 # --------------------------------------------------------------------------- figures
 
+#: The two panels: (history key suffix, title). Loss is drawn on a log scale.
+PANELS = (("loss", "loss (log scale)"), ("acc", "accuracy"))
+#: How a split is drawn: (split, plotly dash, line width); :data:`LINESTYLES` says it to matplotlib.
+SPLITS = (("train", "dash", 1.5), ("val", "solid", 2.0))
+LINESTYLES: dict[str, Literal["--", "-"]] = {"dash": "--", "solid": "-"}
 
-def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Write ``path`` via a temporary file, so a reader never sees half a report or picture."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-    return path
+
+def experiment_curve(experiment: Experiment, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per epoch, ``key``'s mean and std over the experiment's runs; runs of different length pad with NaN.
+
+    Returns (epochs, mean, std), each (E,): epochs 1-based, std NaN where fewer than two runs.
+    """
+    series = [[float(row.get(key, math.nan)) for row in run.history] for run in experiment.runs if run.history]
+    length = max((len(s) for s in series), default=0)
+    table = np.full((len(series), length), np.nan)  # (runs, epochs)
+    for i, values in enumerate(series):
+        table[i, : len(values)] = values
+    return np.arange(1, length + 1), *_mean_std(table)
+
+
+def _legend_label(experiment: Experiment) -> str:
+    finished = experiment.finished
+    if not finished:
+        return f"{experiment.label} ({experiment.runs[0].status})"
+    shared = [name for name in VERDICTS if sum(name in run.verdicts for run in finished) * 2 > len(finished)]
+    seeds = f" ×{len(experiment.runs)}" if len(experiment.runs) > 1 else ""
+    return f"{experiment.label}{seeds}" + (f": {', '.join(shared)}" if shared else "")
 
 
 def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figure:
@@ -505,55 +470,52 @@ def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figur
     ``source`` is a run dir, a sweep dir, a metrics.json, runs from :func:`load_runs`, or a
     :class:`Report`. Seeds of one experiment draw as their mean with a band of one standard
     deviation. In a notebook: ``plotly.offline.iplot(plot_training_stats(path))`` or just the figure.
+    This figure is the one description of the curves: :func:`plot_curves_png` draws it again.
     """
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     report = build_report(source)
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("loss (log scale)", "accuracy"), horizontal_spacing=0.08)
+    figure = make_subplots(rows=1, cols=2, subplot_titles=[title for _, title in PANELS], horizontal_spacing=0.08)
+    lowest = [0.45]  # the accuracy axis starts just under a coin toss, or under the lowest accuracy drawn
     for index, experiment in enumerate(report.experiments):
-        color = PALETTE[index % len(PALETTE)]
-        label = _legend_label(experiment)
-        for col, (panel, suffix) in enumerate(PANELS, start=1):
-            for split, _, dash in SPLITS:
-                curve = experiment.curves[f"{split}/{suffix}"]
-                finite = np.isfinite(curve.std)
-                if finite.any():
-                    x = curve.epochs[finite]
-                    upper, lower = (curve.mean + curve.std)[finite], (curve.mean - curve.std)[finite]
-                    figure.add_trace(
-                        go.Scatter(
-                            x=np.concatenate([x, x[::-1]]),
-                            y=np.concatenate([upper, lower[::-1]]),
-                            fill="toself",
-                            fillcolor=color,
-                            opacity=0.12,
-                            line={"width": 0},
-                            hoverinfo="skip",
-                            legendgroup=experiment.label,
-                            showlegend=False,
-                        ),
+        color, label = PALETTE[index % len(PALETTE)], _legend_label(experiment)
+        for col, (suffix, _) in enumerate(PANELS, start=1):
+            for split, dash, width in SPLITS:
+                epochs, mean, std = experiment_curve(experiment, f"{split}/{suffix}")
+                known = np.isfinite(std)
+                if known.any():  # the band of one standard deviation over seeds
+                    x, upper, lower = epochs[known], (mean + std)[known], (mean - std)[known]
+                    figure.add_scatter(
+                        x=np.concatenate([x, x[::-1]]),
+                        y=np.concatenate([upper, lower[::-1]]),
+                        fill="toself",
+                        fillcolor=color,
+                        opacity=0.12,
+                        line={"width": 0},
+                        hoverinfo="skip",
+                        legendgroup=experiment.label,
+                        showlegend=False,
                         row=1,
                         col=col,
                     )
-                figure.add_trace(
-                    go.Scatter(
-                        x=curve.epochs,
-                        y=curve.mean,
-                        mode="lines" if len(curve.epochs) > 1 else "markers",  # one epoch is a point
-                        name=label,
-                        legendgroup=experiment.label,
-                        showlegend=col == 1 and split == "val",
-                        line={"color": color, "dash": dash, "width": 2 if split == "val" else 1.5},
-                        hovertemplate=f"{html.escape(experiment.label)} {split} {panel}: %{{y:.3f}}, epoch %{{x}}"
-                        "<extra></extra>",
-                    ),
+                figure.add_scatter(
+                    x=epochs,
+                    y=mean,
+                    mode="lines" if len(epochs) > 1 else "markers",  # a one-epoch run is a point
+                    name=label,
+                    legendgroup=experiment.label,
+                    showlegend=col == 1 and split == "val",
+                    line={"color": color, "dash": dash, "width": width},
+                    hovertemplate=f"{html.escape(experiment.label)} {split} {suffix}: %{{y:.3f}}, epoch %{{x}}"
+                    "<extra></extra>",
                     row=1,
                     col=col,
                 )
+                if suffix == "acc" and np.isfinite(mean).any():
+                    lowest.append(float(np.nanmin(mean)))
     figure.update_xaxes(title_text="epoch")
     figure.update_yaxes(type="log", row=1, col=1)
-    figure.update_yaxes(range=[report.accuracy_floor, 1.02], row=1, col=2)
+    figure.update_yaxes(range=[max(0.0, math.floor(min(lowest) * 10 - 0.5) / 10), 1.02], row=1, col=2)
     figure.update_layout(
         title="train dashed, val solid; click a legend entry to hide a run",
         template="plotly_white",
@@ -564,51 +526,53 @@ def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figur
     return figure
 
 
-def plot_curves_png(source: str | Path | Sequence[Run] | Report, path: str | Path, dpi: int = 100) -> Path:
-    """curves.png: the same two panels as :func:`plot_training_stats`, legend below, drawn without a display."""
+def plot_curves_png(figure: go.Figure, path: str | Path, dpi: int = 100) -> Path:
+    """curves.png: :func:`plot_training_stats`'s ``figure`` drawn by matplotlib, legend below, without a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    report = build_report(source)
-    legend_columns = 3
-    legend_rows = math.ceil((len(report.experiments) + 2) / legend_columns)
-    figure = Figure(figsize=(12, 4.2 + 0.28 * legend_rows), layout="constrained")
-    FigureCanvasAgg(figure)  # Agg, whatever backend pyplot uses: writing a PNG needs no display
-    axes = figure.subplots(1, 2)
+    png = Figure(layout="constrained")
+    FigureCanvasAgg(png)  # Agg, whatever backend pyplot uses: writing a PNG needs no display
+    axes = dict(zip(("x", "x2"), png.subplots(1, 2)))  # plotly's name of each panel's x axis
     handles = []
-    for index, experiment in enumerate(report.experiments):
-        color = PALETTE[index % len(PALETTE)]
-        for ax, (_, suffix) in zip(axes, PANELS):
-            for split, style, _ in SPLITS:
-                curve = experiment.curves[f"{split}/{suffix}"]
-                marker = "o" if len(curve.epochs) == 1 else None  # a one-epoch run is a point, not a line
-                width = 1.8 if split == "val" else 1.2
-                ax.plot(curve.epochs, curve.mean, style, color=color, marker=marker, linewidth=width)
-                if np.isfinite(curve.std).any():
-                    low, high = curve.mean - curve.std, curve.mean + curve.std
-                    ax.fill_between(curve.epochs, low, high, color=color, alpha=0.12, linewidth=0)
-        handles.append(Line2D([], [], color=color, linewidth=2, label=_legend_label(experiment)))
-    handles += [
-        Line2D([], [], color="black", linestyle="--", linewidth=1.2, label="train"),
-        Line2D([], [], color="black", linestyle="-", linewidth=1.8, label="val"),
-    ]
-    axes[0].set(yscale="log", xlabel="epoch", title="loss (log scale)")
-    axes[1].set(ylim=(report.accuracy_floor, 1.02), xlabel="epoch", title="accuracy")
-    axes[1].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")  # a coin toss on two classes
-    for ax in axes:
+    for trace in figure.data:
+        if trace.fill == "toself":  # a band: a polygon around the mean
+            axes[trace.xaxis].fill(trace.x, trace.y, color=trace.fillcolor, alpha=trace.opacity, linewidth=0)
+            continue
+        style = {"color": trace.line.color, "linestyle": LINESTYLES[trace.line.dash], "linewidth": trace.line.width}
+        axes[trace.xaxis].plot(trace.x, trace.y, marker="o" if trace.mode == "markers" else None, **style)
+        if trace.showlegend:
+            handles.append(Line2D([], [], label=trace.name, **style))
+    for split, dash, width in SPLITS:
+        handles.append(Line2D([], [], color="black", linestyle=LINESTYLES[dash], linewidth=width, label=split))
+    for ax, (_, title) in zip(axes.values(), PANELS):
+        ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-    figure.legend(handles=handles, loc="outside lower center", ncols=legend_columns, fontsize=9, frameon=False)
-    return _replace(Path(path), lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+    axes["x"].set(yscale=figure.layout.yaxis.type)
+    axes["x2"].set(ylim=figure.layout.yaxis2.range)
+    axes["x2"].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")  # a coin toss on two classes
+    legend_columns = 3
+    png.set_size_inches(12, 4.2 + 0.28 * math.ceil(len(handles) / legend_columns))
+    png.legend(handles=handles, loc="outside lower center", ncols=legend_columns, fontsize=9, frameon=False)
+    return _replace(Path(path), lambda tmp: png.savefig(tmp, dpi=dpi, format="png"))
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def _write_text(path: Path, text: str) -> None:
-    _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` via a temporary file, so a reader never sees half a report or picture."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_report(path: str | Path, *, html_report: bool = True) -> dict[str, Path]:
@@ -621,11 +585,12 @@ def write_report(path: str | Path, *, html_report: bool = True) -> dict[str, Pat
     if out.is_file():
         out = out.parent
     report = build_report(load_runs(out), out.name)  # tables and curves once, for every file below
-    written = {"report.md": out / "report.md", "report.csv": out / "report.csv", "curves.png": out / "curves.png"}
-    _write_text(written["report.md"], report_markdown(report))
-    _write_text(written["report.csv"], report_csv(report))
-    plot_curves_png(report, written["curves.png"])
+    figure = plot_training_stats(report)
+    written = {
+        "report.md": _write_text(out / "report.md", report_markdown(report)),
+        "report.csv": _write_text(out / "report.csv", report_csv(report)),
+        "curves.png": plot_curves_png(figure, out / "curves.png"),
+    }
     if html_report:
-        written["report.html"] = out / "report.html"
-        _write_text(written["report.html"], report_html(report))
+        written["report.html"] = _write_text(out / "report.html", report_html(report, figure))
     return written

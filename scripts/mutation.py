@@ -31,14 +31,12 @@ CORE = (
     "alexnet_lab.verdicts.*",
     "alexnet_lab.data.sampling.*",
     "alexnet_lab.identity.*",
-    "alexnet_lab.report.x_config_diff*",
     "alexnet_lab.report.x_run_rows*",
     "alexnet_lab.report.x_experiment_rows*",
     "alexnet_lab.report.x_group_runs*",
-    "alexnet_lab.report.x_split_label*",
-    "alexnet_lab.report.x_strip_common*",
-    "alexnet_lab.report.x_flatten*",
+    "alexnet_lab.report.x_one_per_seed*",
     "alexnet_lab.report.x__mean_std*",
+    "alexnet_lab.report.xǁRunǁorder*",
 )
 GOAL = 0.90
 

@@ -895,18 +895,18 @@ def test_build_folder_cleans_dead_builds_and_replaces_only_what_it_may(tmp_path:
     assert build_folder(empty, build, is_complete) and (empty / "file").read_text() == "new"
 
 
-@pytest.mark.parametrize("pad", [True, False])
-def test_shrink_npy_keeps_leading_rows(tmp_path: Path, pad: bool) -> None:
-    data = np.arange(5 * 2 * 3, dtype=np.uint8).reshape(5, 2, 3)
-    path = tmp_path / "a.npy"
-    np.save(path, data)
-    if not pad:  # an unpadded header (older numpy): the in-place rewrite does not fit
-        header = b"{'descr':'|u1','fortran_order':False,'shape':(5,2,3)}"  # 64 bytes in all
-        header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
-        path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data.tobytes())
-        assert np.array_equal(np.load(path), data) and path.stat().st_size == 64 + data.nbytes
-    preprocess._shrink_npy(path, 3)
-    assert np.array_equal(np.load(path), data[:3])
+def test_images_npy_is_cut_to_the_kept_rows(tmp_path: Path) -> None:
+    raw = make_raw(tmp_path)
+    (raw / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + bytes(100))  # a row reserved for it, not kept
+    cache = build_cache(raw, tmp_path / "cache", image_size=SIZE, workers=1, progress=False)
+    path = cache.path / "images.npy"
+    with open(path, "rb") as handle:  # the header was written for 8 rows, then rewritten in place for 7
+        assert np.lib.format.read_magic(handle) == (1, 0)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+        data_start = handle.tell()
+    assert (shape, fortran_order, dtype) == ((7, 1, SIZE, SIZE), False, np.uint8)
+    assert path.stat().st_size == data_start + 7 * SIZE * SIZE  # no bytes of a reserved row left behind
+    assert np.array_equal(np.load(path)[6], load_image(raw / cache.files[6], SIZE))
 
 
 # ----------------------------------------------------------------------------- scripts/preprocess.py

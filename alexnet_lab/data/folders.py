@@ -45,11 +45,11 @@ def build_folder(
     prefix = f".{target.name}.tmp-"
     lock = FileLock(target.parent / f".{target.name}.lock")
     try:
-        lock.acquire(blocking=False)
+        held = lock.acquire(blocking=False)
     except Timeout:
         log.info("waiting for another process that is building %s", target)
-        lock.acquire()
-    try:
+        held = lock.acquire()
+    with held:  # released on leaving, whatever happens inside
         if is_complete(target):
             return False
         replace = os.path.lexists(target) and not (target.is_dir() and not any(target.iterdir()))
@@ -65,8 +65,6 @@ def build_folder(
             _move_into_place(tmp, target, replace)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed build's otherwise
-    finally:
-        lock.release()
     return True
 
 

@@ -37,8 +37,6 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
-import io
-import itertools
 import json
 import logging
 import math
@@ -202,14 +200,11 @@ def _draft_request(width: int, height: int, size: int) -> tuple[int, int]:
 
 def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
     """Convert any Pillow mode to 8-bit "L" or "RGB" (16-bit scaled, alpha composited on black)."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # convert("L") would clip 16-bit values at 255; scale 0..65535 to 0..255 instead.
-        values = np.asarray(image).astype(np.float32)
-        values = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-        image = Image.fromarray(values, "L")
-    elif image.mode == "F":
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float32))
-        if values.size and values.max() <= 1.0:  # float images are usually 0..1
+        if image.mode != "F":  # convert("L") would clip 16-bit values at 255; scale 0..65535 to 0..255 instead
+            values = values / 257.0
+        elif values.size and values.max() <= 1.0:  # float images are usually 0..1
             values = values * 255.0
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
@@ -408,12 +403,8 @@ def _decode_chunk(
     return pixels[:kept], reasons
 
 
-def _available_formats() -> tuple[str, ...]:
-    Image.init()
-    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
-
-
-_IMAGE_FORMATS = _available_formats()
+Image.init()  # load every Pillow plugin, so that Image.OPEN lists the formats this Pillow can decode
+_IMAGE_FORMATS = tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)  # Image.open fails on others
 
 
 # ----------------------------------------------------------------------------- scan
@@ -430,10 +421,21 @@ def _not_data_reason(name: str) -> str:
     return ""
 
 
+def _entries(folder: Path, name: str) -> list[os.DirEntry]:
+    """The entries of `folder` by name; a DataError naming it `name` if it cannot be listed."""
+    try:
+        return sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise DataError(f"cannot list {name} ({exc.strerror}): make it readable") from exc
+
+
 def _raw_file(raw_dir: Path, entry: os.DirEntry, class_name: str, skip: str = "") -> RawFile:
-    """A file entry with its size and mtime; a link to nowhere, a pipe or a device is not data."""
+    """An entry with its size and mtime; a folder (only hidden ones come here), a link to nowhere,
+    a pipe or a device is not data."""
     path = Path(entry.path)
     relative = path.relative_to(raw_dir).as_posix()
+    if entry.is_dir():
+        return RawFile(path, relative + "/", class_name, 0, 0, f"{HIDDEN} (hidden folder)")
     try:
         stat = entry.stat() if entry.is_file() else None  # follows links
     except OSError:
@@ -448,26 +450,17 @@ def _class_files(raw_dir: Path, class_dir: Path) -> list[RawFile]:
     found: list[RawFile] = []
     seen_dirs: set[tuple[int, int]] = set()
     stack = [class_dir]
-    class_name = class_dir.name
     while stack:
         folder = stack.pop()
         stat = folder.stat()
         if (stat.st_dev, stat.st_ino) in seen_dirs:
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as exc:
-            raise DataError(f"cannot list {folder} ({exc.strerror}): make it readable") from exc
-        for entry in entries:
-            if entry.is_dir():
-                if entry.name.startswith("."):
-                    relative = Path(entry.path).relative_to(raw_dir).as_posix() + "/"
-                    found.append(RawFile(Path(entry.path), relative, class_name, 0, 0, f"{HIDDEN} (hidden folder)"))
-                else:
-                    stack.append(Path(entry.path))
+        for entry in _entries(folder, str(folder)):
+            if entry.is_dir() and not entry.name.startswith("."):
+                stack.append(Path(entry.path))
             else:
-                found.append(_raw_file(raw_dir, entry, class_name, _not_data_reason(entry.name)))
+                found.append(_raw_file(raw_dir, entry, class_dir.name, _not_data_reason(entry.name)))
     return found
 
 
@@ -482,17 +475,10 @@ def scan_folder(raw_dir: Path) -> Scan:
     if not raw_dir.is_dir():
         problem = "is not a folder" if raw_dir.exists() else "does not exist"
         raise DataError(f"data.raw_dir={raw_dir} {problem}: point it at a folder with one subfolder per class")
-    try:
-        top = sorted(os.scandir(raw_dir), key=lambda entry: entry.name)
-    except OSError as exc:
-        raise DataError(f"cannot list data.raw_dir={raw_dir} ({exc.strerror}): make it readable") from exc
     files: list[RawFile] = []
     classes: list[str] = []
-    for entry in top:
-        if entry.is_dir():
-            if entry.name.startswith("."):
-                files.append(RawFile(Path(entry.path), entry.name + "/", "", 0, 0, f"{HIDDEN} (hidden folder)"))
-                continue
+    for entry in _entries(raw_dir, f"data.raw_dir={raw_dir}"):
+        if entry.is_dir() and not entry.name.startswith("."):
             members = _class_files(raw_dir, Path(entry.path))
             if any(not raw.skip for raw in members):
                 classes.append(entry.name)
@@ -544,38 +530,51 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _placeholder_groups(
-    samples: Sequence[tuple[RawFile, int]], rules: DiscardRules, threads: int
-) -> dict[str, list[int]]:
-    """Placeholders by content: sha256 -> positions in `samples` of every file with those bytes.
+def _screen_without_decoding(
+    samples: Sequence[tuple[RawFile, int]], classes: Sequence[str], rules: DiscardRules, workers: int, reasons: dict
+) -> list[dict[str, Any]]:
+    """Add the reasons of placeholders (by content) and empty files to `reasons`; the groups for meta.json.
 
     Only files that can repeat often enough are hashed: those sharing their size with at
     least min_copies - 1 others (all files when known digests are configured). Empty files
-    are left to decoding ("empty file"), not grouped.
+    are "empty file", not grouped.
     """
-    if rules.known_digests:
-        candidates = [i for i, (raw, _) in enumerate(samples) if raw.size > 0]
-    elif rules.min_copies:
-        by_size: dict[int, list[int]] = defaultdict(list)
-        for i, (raw, _) in enumerate(samples):
-            if raw.size > 0:
-                by_size[raw.size].append(i)
-        candidates = [i for members in by_size.values() if len(members) >= rules.min_copies for i in members]
-    else:
-        return {}
+    known = set(rules.known_digests)
+    by_size: dict[int, list[int]] = defaultdict(list)  # size -> positions in `samples`
+    for i, (raw, _) in enumerate(samples):
+        if raw.size > 0:
+            by_size[raw.size].append(i)
+        elif raw.relative not in reasons:
+            reasons[raw.relative] = EMPTY
+
+    def repeated(members: list[int]) -> bool:
+        return bool(rules.min_copies) and len(members) >= rules.min_copies
+
+    candidates = [i for members in by_size.values() if known or repeated(members) for i in members]
     # hashlib and file reads release the GIL: threads hash in parallel without pickling bytes around.
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, 2 * workers)) as pool:
         digests = list(pool.map(_sha256, [samples[i][0].path for i in candidates]))
     by_digest: dict[str, list[int]] = defaultdict(list)
     for i, digest in zip(candidates, digests):
         if digest is not None:
             by_digest[digest].append(i)
-    known = set(rules.known_digests)
-    return {
-        digest: members
-        for digest, members in sorted(by_digest.items(), key=lambda item: (-len(item[1]), item[0]))
-        if digest in known or (rules.min_copies and len(members) >= rules.min_copies)
-    }
+    groups = [(digest, members) for digest, members in by_digest.items() if digest in known or repeated(members)]
+    placeholder_groups = []
+    for digest, members in sorted(groups, key=lambda group: (-len(group[1]), group[0])):
+        kind = KNOWN_DIGEST if digest in known else REPEATED
+        for i in members:
+            reasons[samples[i][0].relative] = f"{kind} (sha256 {digest[:12]}..., {len(members)} in this folder)"
+        per_class = Counter(classes[samples[i][1]] for i in members)
+        placeholder_groups.append(
+            {
+                "sha256": digest,
+                "files": len(members),
+                "known": digest in known,
+                "per_class": dict(sorted(per_class.items())),
+                "example": samples[members[0]][0].relative,
+            }
+        )
+    return placeholder_groups
 
 
 # ----------------------------------------------------------------------------- cache
@@ -637,8 +636,12 @@ def _default_workers() -> int:
 def _decode_all(
     jobs: Sequence[str], size: int, grayscale: bool, rules: DiscardRules, workers: int
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Decoded chunks, in input order; at most a few chunks per worker in flight (bounded memory)."""
-    chunk = max(1, min(32, len(jobs) // (workers * 8) or 1))
+    """Decoded chunks, in input order; at most a few chunks per worker in flight (bounded memory).
+
+    Not Executor.map: before Python 3.14 it submits every chunk at once, and chunks finished
+    behind a slow one wait in memory, so a data set larger than RAM would not fit.
+    """
+    chunk = max(1, min(32, len(jobs) // (workers * 8)))
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
     workers = min(workers, len(chunks))
     if workers <= 1:
@@ -653,44 +656,16 @@ def _decode_all(
         initializer=exit_with_parent,
     )
     try:
-        remaining = iter(chunks)
-        pending: deque[concurrent.futures.Future] = deque()
-        for part in itertools.islice(remaining, workers * 3):
-            pending.append(pool.submit(_decode_chunk, part, size, grayscale, rules))
-        while pending:
+        in_flight = workers * 3
+        pending = deque(pool.submit(_decode_chunk, part, size, grayscale, rules) for part in chunks[:in_flight])
+        for part in chunks[in_flight:]:
             done = pending.popleft().result()
-            part = next(remaining, None)
-            if part is not None:
-                pending.append(pool.submit(_decode_chunk, part, size, grayscale, rules))
+            pending.append(pool.submit(_decode_chunk, part, size, grayscale, rules))
             yield done
+        while pending:
+            yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _shrink_npy(path: Path, rows: int) -> None:
-    """Cut a C-order .npy file (format 1.0) written for more rows down to its first `rows` rows.
-
-    numpy pads .npy headers so that the length of axis 0 can change in place without
-    moving the data; if this numpy did not, copy instead.
-    """
-    with open(path, "r+b") as handle:
-        np.lib.format.read_magic(handle)
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-        offset = handle.tell()
-        header = io.BytesIO()
-        descr = np.lib.format.dtype_to_descr(dtype)
-        np.lib.format.write_array_header_1_0(
-            header, {"descr": descr, "fortran_order": fortran_order, "shape": (rows, *shape[1:])}
-        )
-        if len(header.getvalue()) == offset:
-            handle.seek(0)
-            handle.write(header.getvalue())
-            handle.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-            return
-    old = np.load(path, mmap_mode="r")
-    np.save(path.with_suffix(".shrink.npy"), old[:rows])
-    del old
-    os.replace(path.with_suffix(".shrink.npy"), path)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -814,33 +789,6 @@ def _build_into(tmp: Path, scan: Scan, settings: _Settings, fingerprint: str, st
     (tmp / "done").write_text("complete\n")
 
 
-def _screen_without_decoding(
-    samples: Sequence[tuple[RawFile, int]], classes: Sequence[str], rules: DiscardRules, workers: int, reasons: dict
-) -> list[dict[str, Any]]:
-    """Add the reasons of placeholders (by content) and empty files to `reasons`; the groups for meta.json."""
-    groups = _placeholder_groups(samples, rules, threads=2 * workers)
-    known = set(rules.known_digests)
-    placeholder_groups = []
-    for digest, members in groups.items():
-        kind = KNOWN_DIGEST if digest in known else REPEATED
-        for i in members:
-            reasons[samples[i][0].relative] = f"{kind} (sha256 {digest[:12]}..., {len(members)} in this folder)"
-        per_class = Counter(classes[samples[i][1]] for i in members)
-        placeholder_groups.append(
-            {
-                "sha256": digest,
-                "files": len(members),
-                "known": digest in known,
-                "per_class": dict(sorted(per_class.items())),
-                "example": samples[members[0]][0].relative,
-            }
-        )
-    for raw, _ in samples:
-        if raw.size == 0 and raw.relative not in reasons:
-            reasons[raw.relative] = EMPTY
-    return placeholder_groups
-
-
 def _decode_into(
     path: Path, to_decode: Sequence[tuple[RawFile, int]], settings: _Settings, reasons: dict[str, str]
 ) -> tuple[dict[str, int], np.ndarray]:
@@ -852,10 +800,9 @@ def _decode_into(
     kept_index: dict[str, int] = {}
     labels: list[int] = []
     with open(path, "wb") as images:
-        # header for the most rows we could keep; cut down to the kept rows afterwards
-        np.lib.format.write_array_header_1_0(
-            images, {"descr": "|u1", "fortran_order": False, "shape": (len(to_decode), channels, size, size)}
-        )
+        header = {"descr": "|u1", "fortran_order": False, "shape": (len(to_decode), channels, size, size)}
+        np.lib.format.write_array_header_1_0(images, header)  # the most rows we could keep; rewritten at the end
+        data_start = images.tell()
         desc = f"preprocessing {settings.raw_dir.name}"
         bar = tqdm(total=len(to_decode), desc=desc, unit="img", disable=not settings.progress)
         # Warnings go through tqdm.write while the bar is shown, so they do not break it.
@@ -863,12 +810,11 @@ def _decode_into(
         jobs = [str(raw.path) for raw, _ in to_decode]
         decoded = _decode_all(jobs, size, settings.grayscale, settings.rules, settings.workers)
         with redirect, bar, contextlib.closing(decoded):
-            position = 0
+            rows = iter(to_decode)
             for pixels, chunk_reasons in decoded:
                 images.write(pixels)  # (K, C, S, S) C-contiguous: the next K rows, no copy
-                for reason in chunk_reasons:
-                    raw, label = to_decode[position]
-                    position += 1
+                # chunk_reasons first: zip stops on it without taking one row too many from `rows`
+                for reason, (raw, label) in zip(chunk_reasons, rows):
                     if reason:
                         reasons[raw.relative] = reason
                         log.debug("discarding %s: %s", raw.path, reason)
@@ -876,9 +822,13 @@ def _decode_into(
                         kept_index[raw.relative] = len(labels)
                         labels.append(label)
                 bar.update(len(chunk_reasons))
+        # numpy (1.24 and later) pads every header so that the row count can change in place, the data unmoved
+        images.seek(0)
+        np.lib.format.write_array_header_1_0(images, {**header, "shape": (len(labels), channels, size, size)})
+        if images.tell() != data_start:
+            raise RuntimeError(f"{path}: the .npy header changed length when rewritten; numpy >= 1.24 is required")
         images.flush()
         os.fsync(images.fileno())  # data on disk before 'done' says it is
-    _shrink_npy(path, len(labels))
     return kept_index, np.asarray(labels, dtype=np.int64)
 
 

@@ -26,8 +26,10 @@ parameters. A folder without the marker is never modified or deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -88,17 +90,10 @@ class _Job(NamedTuple):
 def ear_styles(class_names: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Ear style of each class: "cat" -> pointed, "dog" -> floppy, others by sorted position."""
     names = sorted(class_names)
-    taken = {NAMED_EAR_STYLES[n] for n in names if n in NAMED_EAR_STYLES}
-    free = [s for s in EAR_STYLES if s not in taken] or list(EAR_STYLES)
-    styles: dict[str, str] = {}
-    unnamed = 0
-    for name in names:
-        if name in NAMED_EAR_STYLES:
-            styles[name] = NAMED_EAR_STYLES[name]
-        else:
-            styles[name] = free[unnamed % len(free)]
-            unnamed += 1
-    return styles
+    named = {name: NAMED_EAR_STYLES[name] for name in names if name in NAMED_EAR_STYLES}
+    free = [style for style in EAR_STYLES if style not in named.values()] or list(EAR_STYLES)
+    unnamed = itertools.cycle(free)  # the free styles in turn, in sorted-name order
+    return {name: named[name] if name in named else next(unnamed) for name in names}
 
 
 def generate(
@@ -137,8 +132,8 @@ def _write(raw_dir: Path, spec: SyntheticConfig, workers: int | None, progress: 
     _check_target(raw_dir)  # refuse a folder that is not ours before anything is created next to it
 
     def build(tmp_dir: Path) -> None:
-        _render_all(tmp_dir, spec.counts, spec.seed, workers, progress)
-        _write_debris(tmp_dir, spec.counts, spec.seed, spec.placeholders, spec.broken)
+        _render_all(tmp_dir, spec, workers, progress)
+        _write_debris(tmp_dir, spec)
         (tmp_dir / MARKER_NAME).write_text(json.dumps(_marker(spec), indent=2) + "\n")
 
     def is_complete(path: Path) -> bool:
@@ -187,23 +182,19 @@ def _check_target(raw_dir: Path) -> bool:
     return False
 
 
-def _render_all(out_dir: Path, counts: dict[str, int], seed: int, workers: int | None, progress: bool) -> None:
-    styles = ear_styles(list(counts))
+def _render_all(out_dir: Path, spec: SyntheticConfig, workers: int | None, progress: bool) -> None:
+    styles = ear_styles(list(spec.counts))
     jobs: list[_Job] = []
-    for class_index, (name, n) in enumerate(counts.items()):
+    for class_index, (name, n) in enumerate(spec.counts.items()):
         (out_dir / name).mkdir()
-        jobs += [_Job(str(out_dir / name), name, styles[name], seed, class_index, i) for i in range(n)]
+        jobs += [_Job(str(out_dir / name), name, styles[name], spec.seed, class_index, i) for i in range(n)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with tqdm(total=len(jobs), desc="generating synthetic data", unit="img", disable=not progress) as bar:
-        if workers == 1:
-            for job in jobs:
-                _write_image(job)
-                bar.update()
-            return
-        chunksize = max(1, min(32, len(jobs) // (workers * 8)))
-        with ProcessPoolExecutor(workers, initializer=exit_with_parent) as pool:
-            for _ in pool.map(_write_image, jobs, chunksize=chunksize):
-                bar.update()
+    chunksize = max(1, min(32, len(jobs) // (workers * 8)))
+    pool = ProcessPoolExecutor(workers, initializer=exit_with_parent) if workers > 1 else None  # 1: no processes
+    with pool or contextlib.nullcontext():
+        written = pool.map(_write_image, jobs, chunksize=chunksize) if pool else map(_write_image, jobs)
+        for _ in tqdm(written, total=len(jobs), desc="generating synthetic data", unit="img", disable=not progress):
+            pass
 
 
 def _write_image(job: _Job) -> None:
@@ -271,11 +262,12 @@ def _broken_bytes(kind: str, rng: np.random.Generator, ear_style: str) -> bytes:
     return rng.bytes(2048)  # garbage
 
 
-def _write_debris(out_dir: Path, counts: dict[str, int], seed: int, placeholders: int, broken: int) -> None:
+def _write_debris(out_dir: Path, spec: SyntheticConfig) -> None:
     """Placeholder copies and broken files, numbered after each class's photos."""
+    counts, seed = spec.counts, spec.seed
     styles = ear_styles(list(counts))
-    placeholder = placeholder_bytes() if placeholders else b""
-    per_class_placeholders, per_class_broken = spread(placeholders, counts), spread(broken, counts)
+    placeholder = placeholder_bytes() if spec.placeholders else b""
+    per_class_placeholders, per_class_broken = spread(spec.placeholders, counts), spread(spec.broken, counts)
     kind_index = 0
     for class_index, (name, n) in enumerate(counts.items()):
         index = n
