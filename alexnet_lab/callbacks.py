@@ -35,14 +35,22 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.utils import JobReturn, JobStatus
-from matplotlib.figure import Figure
 from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from alexnet_lab.data.sampling import epoch_seed
+from alexnet_lab.module import AlexNetClassifier
 
 log = logging.getLogger(__name__)
+
+
+def classifier(pl_module: pl.LightningModule) -> AlexNetClassifier:
+    """The lab's module, typed: these callbacks read its classes, history and confusion matrices."""
+    assert isinstance(pl_module, AlexNetClassifier), type(pl_module)
+    return pl_module
+
 
 WRONG_GRID_SIZE = 16  # most confidently wrong images shown per stage in TensorBoard (a 4 x 4 grid)
 
@@ -69,10 +77,12 @@ class RunState(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored_history is not None:
-            pl_module.history = self._restored_history
+            classifier(pl_module).history = self._restored_history
             self._restored_history = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == 0:  # dropout's random numbers: a function of (seed, epoch) only
             torch.manual_seed(epoch_seed(self.seed, trainer.current_epoch))
 
@@ -84,8 +94,6 @@ def history_from_checkpoint(path: str | Path) -> list[dict[str, float]]:
         if key.startswith("RunState"):
             return list(state["history"])
     return []
-
-
 
 
 # ----------------------------------------------------------------------------- TensorBoard pictures
@@ -123,7 +131,7 @@ def keep_most_confident_wrong(
         return batch
     old = (kept.images, kept.score, kept.predicted, kept.true)
     new = (batch.images, batch.score, batch.predicted, batch.true)
-    images, score, predicted, true = (torch.cat(pair) for pair in zip(old, new))  # 2k candidates
+    images, score, predicted, true = (torch.cat(pair) for pair in zip(old, new, strict=True))  # 2k candidates
     top = score.topk(min(k, score.numel())).indices
     return WrongSamples(images[top], score[top], predicted[top], true[top])
 
@@ -139,8 +147,14 @@ def confusion_image(confusion: np.ndarray, classes: list[str], title: str) -> Fi
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
     for i in range(n):
         for j in range(n):
-            axes.text(j, i, f"{int(confusion[i, j])}", ha="center", va="center",
-                      color="white" if row_share[i, j] > 0.5 else "black")
+            axes.text(
+                j,
+                i,
+                f"{int(confusion[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if row_share[i, j] > 0.5 else "black",
+            )
     axes.set_xticks(range(n), classes, rotation=45 if n > 4 else 0)
     axes.set_yticks(range(n), classes)
     axes.set_xlabel("predicted")
@@ -188,7 +202,7 @@ class TensorBoardInspection(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writer = self._writer(trainer)
         if writer is not None:
-            writer.add_custom_scalars(chart_layout(pl_module.classes))
+            writer.add_custom_scalars(chart_layout(classifier(pl_module).classes))
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._wrong["val"] = None  # keep the last epoch's only
@@ -201,12 +215,26 @@ class TensorBoardInspection(pl.Callback):
             images, labels = batch
             self._wrong[stage] = keep_most_confident_wrong(self._wrong.get(stage), images, logits, labels, self.k)
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._keep("val", trainer, outputs, batch)
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._keep("test", trainer, outputs, batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,8 +250,8 @@ class TensorBoardInspection(pl.Callback):
 
     def _log_images(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Confusion matrix and most confidently wrong images of the stage's last epoch, as TensorBoard images."""
-        writer = self._writer(trainer)
-        confusion = pl_module.last_confusion.get(stage)
+        writer, module = self._writer(trainer), classifier(pl_module)
+        confusion = module.last_confusion.get(stage)
         if writer is None or confusion is None:
             return
         matrix = confusion.cpu().numpy()
@@ -232,18 +260,18 @@ class TensorBoardInspection(pl.Callback):
         title = f"{where}: {int(matrix.sum())} images, accuracy {accuracy:.3f}"
         step = trainer.global_step
         # add_figure draws off-screen (Agg): no pyplot, no display
-        writer.add_figure(f"{stage}/confusion_matrix", confusion_image(matrix, pl_module.classes, title), step)
+        writer.add_figure(f"{stage}/confusion_matrix", confusion_image(matrix, module.classes, title), step)
         wrong = self._wrong.get(stage)
         if wrong is not None:
             title = f"{where}: the most confidently wrong of {int(matrix.sum())}"
-            grid = wrong_grid_image(wrong, pl_module.classes, title)
+            grid = wrong_grid_image(wrong, module.classes, title)
             writer.add_figure(f"{stage}/most_confident_wrong", grid, step)
 
 
-def chart_layout(classes: list[str]) -> dict[str, dict[str, list]]:
+def chart_layout(classes: list[str]) -> dict[str, dict[str, list[Any]]]:
     """Custom-scalars layout: one multi-line chart per stage and quantity, from the logged scalars."""
 
-    def lines(tags: list[str]) -> list:
+    def lines(tags: list[str]) -> list[Any]:
         return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]  # entries are regexes
 
     stages = ("train", "val")

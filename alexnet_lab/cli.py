@@ -24,7 +24,7 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alexnet_lab import config
@@ -45,8 +45,12 @@ def _register() -> None:
     store.store(group="schema/data", name="folder", node=config.DataConfig)
     synthetic = config.DataConfig(name="synthetic", raw_dir="data/synthetic/raw", synthetic=config.SyntheticConfig())
     store.store(group="schema/data", name="synthetic", node=synthetic)
-    roots = {"lab": config.LabConfig, "eval": config.EvalConfig, "predict": config.PredictConfig,
-             "preprocess": config.PreprocessConfig}
+    roots = {
+        "lab": config.LabConfig,
+        "eval": config.EvalConfig,
+        "predict": config.PredictConfig,
+        "preprocess": config.PreprocessConfig,
+    }
     for name, schema in roots.items():
         store.store(name=f"{name}_schema", node=schema)  # conf/<command>.yaml extends it
     OmegaConf.register_new_resolver("run_name", lambda overrides: run_name(list(overrides)), replace=True)
@@ -68,7 +72,7 @@ def _config_subdir(resume: bool) -> str | None:
 _register()
 
 
-def load(cfg: DictConfig) -> Any:
+def load(cfg: DictConfig | ListConfig) -> Any:
     """The composed config as checked objects (``LabConfig`` holding ``ModelConfig``, ``DataConfig``, ...).
 
     Raises :class:`ConfigError` with one line naming the key: a required value left unset
@@ -145,8 +149,10 @@ def _command_line_error(error: BaseException) -> str | None:
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):  # an override of the wrong type, or an unknown key
         first = one_line(error)
-        where = first.removeprefix("Error merging override ") if first.startswith("Error merging override ") else (
-            getattr(cause, "full_key", None) or first
+        where = (
+            first.removeprefix("Error merging override ")
+            if first.startswith("Error merging override ")
+            else (getattr(cause, "full_key", None) or first)
         )
         return f"{where}: {one_line(cause)}"
     if isinstance(error, (HydraException, OmegaConfBaseException)):

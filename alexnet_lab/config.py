@@ -18,7 +18,7 @@ from typing import Any
 
 from alexnet_lab.errors import ConfigError, check_fields, setting
 
-MISSING = "???"  # OmegaConf's mark of a value the user must set
+MISSING: Any = "???"  # OmegaConf's mark of a value the user must set (Any: it stands in for any type)
 
 # ----------------------------------------------------------------------------- the model
 
@@ -132,9 +132,9 @@ class DiscardRules:
         check_fields(self, "data.discard")
         if self.min_copies == 1:
             raise ConfigError("data.discard.min_copies=1: must be at least 2 (or 0 to keep repeated files)")
-        digests = [self.known_digests] if isinstance(self.known_digests, str) else self.known_digests
+        given: Any = self.known_digests  # a list; one digest as a plain string (from Python) is taken too
         checked = []
-        for digest in digests:
+        for digest in [given] if isinstance(given, str) else given:
             text = str(digest).strip().lower()
             if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
                 raise ConfigError(
@@ -216,7 +216,9 @@ class VerdictThresholds:
     # ...from the epoch of least val loss to the end, val loss rises and train loss falls, each by a
     # factor of at least 1 + this (`window`-epoch means)
     overfit_val_loss_rise: float = setting(0.25, ge=0.0)
-    diverged_factor: float = setting(10.0, ge=0.0)  # diverged: a loss is NaN/inf, or ends at least this many times its first value
+    diverged_factor: float = setting(
+        10.0, ge=0.0
+    )  # diverged: a loss is NaN/inf, or ends at least this many times its first value
 
     def __post_init__(self) -> None:
         check_fields(self, "verdicts")

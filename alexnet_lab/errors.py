@@ -138,7 +138,7 @@ def from_mapping(cls: type[T], values: Mapping[str, Any] | T | None, prefix: str
     """``cls(**values)`` for a config dataclass (a DictConfig works); an unknown key is a ConfigError naming it."""
     if values is None:
         return cls()
-    if isinstance(values, cls):
+    if not isinstance(values, Mapping):  # already a cls
         return values
     known = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)

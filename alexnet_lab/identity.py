@@ -175,7 +175,7 @@ def strip_common(names: Sequence[str]) -> list[str]:
         return list(names)
     split = [split_name(name) for name in names]
     common = set(split[0]).intersection(*split[1:])
-    return [",".join(p for p in parts if p not in common) or name for parts, name in zip(split, names)]
+    return [",".join(p for p in parts if p not in common) or name for parts, name in zip(split, names, strict=True)]
 
 
 def without_seed(name: str) -> str:

@@ -45,7 +45,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from alexnet_lab.cli import load, write_json
-from alexnet_lab.config import DataConfig, EvalConfig, PredictConfig
+from alexnet_lab.config import DataConfig, DiscardRules, EvalConfig, PredictConfig
 from alexnet_lab.data import preprocess
 from alexnet_lab.data.datamodule import CacheBatches, ImageFolderDataModule
 from alexnet_lab.errors import CheckpointError, ConfigError, DataError, one_line
@@ -189,8 +189,9 @@ class TrainedModel:
             )
 
 
-def _preprocessing(path: Path, checkpoint: dict[str, Any], run_config: DictConfig | None,
-                   image_size: int | None, in_channels: int) -> tuple[int, bool]:
+def _preprocessing(
+    path: Path, checkpoint: dict[str, Any], run_config: DictConfig | None, image_size: int | None, in_channels: int
+) -> tuple[int, bool]:
     """(image size, grayscale) the checkpoint was trained with: stored in it, else in its run dir's config."""
     stored = checkpoint.get("preprocessing")
     data = run_config.get("data") if run_config is not None else None
@@ -325,7 +326,7 @@ class Evaluation:
             "confusion matrix (rows: true, columns: predicted):",
             " " * (width + 2) + "".join(f"{name:>{width + 2}}" for name in self.classes),
         ]
-        for name, row in zip(self.classes, self.confusion):
+        for name, row in zip(self.classes, self.confusion, strict=True):
             lines.append(f"  {name:<{width}}" + "".join(f"{int(count):>{width + 2}}" for count in row))
         if self.skipped:
             kinds = Counter(reason.split(" (")[0] for _, reason in self.skipped)
@@ -358,7 +359,8 @@ def run_data_config(model: TrainedModel, run_config: DictConfig | None = None) -
         data = OmegaConf.merge(OmegaConf.structured(DataConfig), source.data, as_trained)
     except OmegaConfBaseException as err:
         raise ConfigError(f"the data block of {model.checkpoint}'s run config does not fit: {one_line(err)}") from None
-    return load(data)
+    checked: DataConfig = load(data)
+    return checked
 
 
 def evaluate_split(
@@ -386,8 +388,9 @@ def evaluate_split(
         )
         log.warning("%s", note)
     confusion, loss = _run_stage(model, split, datamodule=datamodule)
-    return Evaluation(str(model.checkpoint), f"{split} split of {datamodule.raw_dir}", model.classes, confusion, loss,
-                      note=note)
+    return Evaluation(
+        str(model.checkpoint), f"{split} split of {datamodule.raw_dir}", model.classes, confusion, loss, note=note
+    )
 
 
 def _discarded_files(cache_path: Path, raw_dir: Path) -> list[tuple[str, str]]:
@@ -402,7 +405,7 @@ def evaluate_folder(
     raw_dir: str | Path,
     *,
     cache_dir: str | Path = DataConfig.cache_dir,
-    discard: Mapping[str, Any] | preprocess.DiscardRules | None = None,
+    discard: Mapping[str, Any] | DiscardRules | None = None,
     workers: int | None = DataConfig.workers,
     progress: bool = False,
     batch_size: int = EvalConfig.batch_size,
@@ -433,8 +436,14 @@ def evaluate_folder(
     # uint8 (B, C, S, S) batches in cache order, read from the memory-mapped cache a batch at a time
     batches = DataLoader(images, sampler=BatchSampler(SequentialSampler(images), batch_size, False), batch_size=None)
     confusion, loss = _run_stage(model, "test", dataloaders=batches)
-    return Evaluation(str(model.checkpoint), str(raw_dir), model.classes, confusion, loss,
-                      skipped=_discarded_files(cache.path, raw_dir))
+    return Evaluation(
+        str(model.checkpoint),
+        str(raw_dir),
+        model.classes,
+        confusion,
+        loss,
+        skipped=_discarded_files(cache.path, raw_dir),
+    )
 
 
 def evaluate(
@@ -490,7 +499,7 @@ def image_paths(inputs: str | Path | Iterable[str | Path]) -> list[tuple[Path, s
     return found
 
 
-class ImageFiles(Dataset):
+class ImageFiles(Dataset[torch.Tensor]):
     """Image files decoded as training decodes them: uint8 (C, S, S) each.
 
     A file that cannot be decoded gives a black image and its reason in ``errors``; read in
@@ -535,7 +544,7 @@ def predict(
     if len(files):
         with _quiet():
             batches = model.trainer().predict(model.module, DataLoader(files, batch_size=batch_size))
-        rows = dict(zip(files.paths, torch.cat(batches).numpy()))  # type: ignore[arg-type]
+        rows = dict(zip(files.paths, torch.cat(batches).numpy(), strict=True))  # type: ignore[arg-type]
     results = []
     for path, reason in entries:
         reason = reason or files.errors.get(path, "")
@@ -544,7 +553,7 @@ def predict(
             continue
         row = rows[path]
         best = int(row.argmax())
-        probabilities = {name: float(p) for name, p in zip(model.classes, row)}
+        probabilities = {name: float(p) for name, p in zip(model.classes, row, strict=True)}
         results.append(Prediction(str(path), model.classes[best], float(row[best]), probabilities))
     return results
 
@@ -560,8 +569,13 @@ def write_predictions_csv(predictions: Sequence[Prediction], out: str | Path, cl
         for row in predictions:
             if row.ok:
                 writer.writerow(
-                    [row.path, row.label, f"{row.probability:.6f}",
-                     *(f"{row.probabilities[name]:.6f}" for name in classes), ""]
+                    [
+                        row.path,
+                        row.label,
+                        f"{row.probability:.6f}",
+                        *(f"{row.probabilities[name]:.6f}" for name in classes),
+                        "",
+                    ]
                 )
             else:
                 writer.writerow([row.path, "", "", *([""] * len(classes)), row.error])
@@ -582,8 +596,11 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
     counts = Counter(row.label for row in predictions if row.ok)
     done = sum(counts.values())
     per_class = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
-    lines.append(f"{done} of {len(predictions)} files predicted" + (f" ({per_class})" if per_class else "")
-                 + (f", {len(predictions) - done} skipped" if done < len(predictions) else ""))
+    lines.append(
+        f"{done} of {len(predictions)} files predicted"
+        + (f" ({per_class})" if per_class else "")
+        + (f", {len(predictions) - done} skipped" if done < len(predictions) else "")
+    )
     return "\n".join(lines)
 
 
@@ -591,8 +608,19 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 
 #: Hydra's own options that take the next argument as their value.
 _HYDRA_VALUE_OPTIONS = frozenset(
-    {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
-     "--experimental-rerun"}
+    {
+        "--cfg",
+        "-c",
+        "--package",
+        "-p",
+        "--config-path",
+        "-cp",
+        "--config-name",
+        "-cn",
+        "--config-dir",
+        "-cd",
+        "--experimental-rerun",
+    }
 )
 _HYDRA_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
 
@@ -642,8 +670,15 @@ def eval_main(cfg: EvalConfig) -> Evaluation:
     model = _load_for(cfg)
     if cfg.data is not None:
         data = cfg.data
-        result = evaluate_folder(model, data.raw_dir, cache_dir=data.cache_dir, discard=data.discard,
-                                 workers=data.workers, progress=data.progress, batch_size=cfg.batch_size)
+        result = evaluate_folder(
+            model,
+            data.raw_dir,
+            cache_dir=data.cache_dir,
+            discard=data.discard,
+            workers=data.workers,
+            progress=data.progress,
+            batch_size=cfg.batch_size,
+        )
         name = Path(data.raw_dir).name
     else:
         result, name = evaluate_split(model, cfg.split), cfg.split

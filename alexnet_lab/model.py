@@ -73,9 +73,7 @@ ARCHS: dict[str, ArchSpec] = {"notebook": NOTEBOOK, "paper": PAPER}
 def _layer_names(spec: ArchSpec) -> list[str]:
     """Names of the scaled layers in order: conv1..convN, then fc(N+1).. for the hidden dense."""
     n_conv = len(spec.convs)
-    return [f"conv{i + 1}" for i in range(n_conv)] + [
-        f"fc{n_conv + i + 1}" for i in range(len(spec.hidden))
-    ]
+    return [f"conv{i + 1}" for i in range(n_conv)] + [f"fc{n_conv + i + 1}" for i in range(len(spec.hidden))]
 
 
 def _paper_widths(spec: ArchSpec) -> list[int]:
@@ -94,8 +92,7 @@ def layer_widths(config: AlexNetConfig) -> dict[str, int]:
     """Width of every scaled layer (conv channels, hidden dense units), e.g. {"conv1": 6, ...}."""
     spec = ARCHS[config.arch]
     return {
-        name: width // config.downscale
-        for name, width in zip(_layer_names(spec), _paper_widths(spec))
+        name: width // config.downscale for name, width in zip(_layer_names(spec), _paper_widths(spec), strict=True)
     }
 
 
@@ -122,7 +119,7 @@ class AlexNet(nn.Module):
 
         features: OrderedDict[str, nn.Module] = OrderedDict()
         channels = config.in_channels
-        for i, (conv, width) in enumerate(zip(spec.convs, widths), start=1):
+        for i, (conv, width) in enumerate(zip(spec.convs, widths[:n_conv], strict=True), start=1):
             features[f"conv{i}"] = nn.Conv2d(
                 in_channels=channels,
                 out_channels=width,
@@ -136,9 +133,7 @@ class AlexNet(nn.Module):
                 # (as Caffe does) and the paper does not, so alpha here is 5 x 1e-4.
                 features[f"lrn{i}"] = nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
             if conv.pool:
-                features[f"pool{i}"] = nn.MaxPool2d(
-                    kernel_size=3, stride=2, padding=spec.pool_padding
-                )
+                features[f"pool{i}"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=spec.pool_padding)
             channels = width
 
         # Dropout is kept at p=0 too (an identity), so the module tree and checkpoint keys
@@ -165,7 +160,8 @@ class AlexNet(nn.Module):
         x = self.features(x)  # (B, C_last, h, w)
         x = self.avgpool(x)  # (B, C_last, *pooled_size)
         x = torch.flatten(x, start_dim=1)  # (B, C_last * prod(pooled_size))
-        return self.classifier(x)  # (B, num_classes)
+        logits: torch.Tensor = self.classifier(x)  # (B, num_classes)
+        return logits
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -30,11 +30,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from alexnet_lab.config import VerdictThresholds
 from alexnet_lab.errors import LabError, from_mapping, one_line
 from alexnet_lab.identity import (
-    FINISHED, config_diff, experiment_key, flatten, natural_key, read_overrides, run_name, strip_common, without_seed
+    FINISHED,
+    config_diff,
+    experiment_key,
+    flatten,
+    natural_key,
+    read_overrides,
+    run_name,
+    strip_common,
+    without_seed,
 )
-from alexnet_lab.verdicts import VERDICTS, VerdictThresholds, describe_verdicts, verdicts
+from alexnet_lab.verdicts import VERDICTS, describe_verdicts, verdicts
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -45,8 +54,26 @@ DIR_PREFIX = re.compile(r"^(?:(\d+)|\d{4}-\d\d-\d\d_[\d-]+)_")
 
 #: tab10, then tab20's lighter shades: 20 colours that stay apart on a white background.
 PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
 )
 
 #: {key in metrics.json and in the report rows: column header}: the numbers every run reports.
@@ -144,7 +171,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception:  # a missing or damaged .hydra file leaves the config unknown, nothing worse
         return {}
-    return loaded if isinstance(loaded, dict) else {}
+    return {str(key): value for key, value in loaded.items()} if isinstance(loaded, dict) else {}
 
 
 def _label(path: Path, metrics: Mapping[str, Any]) -> str:
@@ -240,7 +267,7 @@ def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "error": run.error,
             "dir": run.path.name,
         }
-        for index, (run, label) in enumerate(zip(runs, labels))
+        for index, (run, label) in enumerate(zip(runs, labels, strict=True))
     ]
 
 
@@ -263,7 +290,7 @@ def group_runs(runs: Sequence[Run]) -> list[Experiment]:
         key = experiment_key(run) if run.config else without_seed(run.label)  # no resolved config: by name
         groups.setdefault(key, Experiment(label=without_seed(run.label), runs=[])).runs.append(run)
     experiments = list(groups.values())
-    for experiment, label in zip(experiments, strip_common([e.label for e in experiments])):
+    for experiment, label in zip(experiments, strip_common([e.label for e in experiments]), strict=True):
         experiment.label = label
     return experiments
 
@@ -282,7 +309,7 @@ def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
         }
         table = np.array([[_number(run.metrics, key) for key in METRICS] for run in finished])  # (runs, keys)
         means, stds = _mean_std(table.reshape(-1, len(METRICS)))
-        for key, mean, std in zip(METRICS, means, stds):
+        for key, mean, std in zip(METRICS, means, stds, strict=True):
             row[f"{key}_mean"], row[f"{key}_std"] = float(mean), float(std)
         counts = {name: sum(name in run.verdicts for run in finished) for name in VERDICTS}
         row["verdicts"] = ", ".join(
@@ -535,7 +562,7 @@ def plot_curves_png(figure: go.Figure, path: str | Path, dpi: int = 100) -> Path
 
     png = Figure(layout="constrained")
     FigureCanvasAgg(png)  # Agg, whatever backend pyplot uses: writing a PNG needs no display
-    axes = dict(zip(("x", "x2"), png.subplots(1, 2)))  # plotly's name of each panel's x axis
+    axes = dict(zip(("x", "x2"), png.subplots(1, 2), strict=True))  # plotly's name of each panel's x axis
     handles = []
     for trace in figure.data:
         if trace.fill == "toself":  # a band: a polygon around the mean
@@ -547,7 +574,7 @@ def plot_curves_png(figure: go.Figure, path: str | Path, dpi: int = 100) -> Path
             handles.append(Line2D([], [], label=trace.name, **style))
     for split, dash, width in SPLITS:
         handles.append(Line2D([], [], color="black", linestyle=LINESTYLES[dash], linewidth=width, label=split))
-    for ax, (_, title) in zip(axes.values(), PANELS):
+    for ax, (_, title) in zip(axes.values(), PANELS, strict=True):
         ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole

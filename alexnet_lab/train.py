@@ -18,11 +18,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.environments.slurm import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.trainer.states import TrainerStatus
 
 from alexnet_lab.callbacks import RunState, TensorBoardInspection, history_from_checkpoint
@@ -88,10 +88,9 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
     )
     # Under SLURM, submitit requeues a timed-out or preempted job and `resume=true` continues
     # it; Lightning's own requeue handler would fight submitit's over the same signal.
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     trainer = pl.Trainer(
         **lab.trainer,
-        plugins=plugins,
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         logger=logger,
         callbacks=[best, last, guard, RunState(lab.seed), TensorBoardInspection()],
         default_root_dir=str(run_dir),
@@ -148,23 +147,37 @@ def train(
         epochs = len(history_from_checkpoint(last)) if last.exists() else 0
         write_json(
             run_dir / "metrics.json",
-            {"status": "interrupted", "epochs": epochs, "checkpoint": str(last) if last.exists() else None,
-             "overrides": list(overrides or [])},
+            {
+                "status": "interrupted",
+                "epochs": epochs,
+                "checkpoint": str(last) if last.exists() else None,
+                "overrides": list(overrides or []),
+            },
         )
-        raise RunInterrupted(f"interrupted after {epochs} finished epochs; rerun with resume=true to continue") from None
+        raise RunInterrupted(
+            f"interrupted after {epochs} finished epochs; rerun with resume=true to continue"
+        ) from None
 
     # under ddp_spawn, training ran in child processes: the history comes back in last.ckpt
     history = module.history or (history_from_checkpoint(last) if last.exists() else [])
-    diverged = guard.stopping_reason in (EarlyStoppingReason.NON_FINITE_METRIC, EarlyStoppingReason.DIVERGENCE_THRESHOLD)
+    diverged = guard.stopping_reason in (
+        EarlyStoppingReason.NON_FINITE_METRIC,
+        EarlyStoppingReason.DIVERGENCE_THRESHOLD,
+    )
     if diverged:
         log.warning("diverged at epoch %d: train loss %s; run stopped", len(history) - 1, history[-1].get("train/loss"))
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if best.best_model_path else None, verbose=False)
     metrics = run_metrics(lab, history, trainer, module, datamodule.classes, diverged=diverged)
-    metrics.update(wall_s=round(time.perf_counter() - started, 2), best_checkpoint=best.best_model_path,
-                   overrides=list(overrides or []))
+    metrics.update(
+        wall_s=round(time.perf_counter() - started, 2),
+        best_checkpoint=best.best_model_path,
+        overrides=list(overrides or []),
+    )
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-                               metrics={f"hp/{key}": metrics[key] for key in HP_METRICS})
+        logger.log_hyperparams(
+            OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+            metrics={f"hp/{key}": metrics[key] for key in HP_METRICS},
+        )
         logger.finalize("success")
     write_json(run_dir / "metrics.json", metrics)
     log.info(
@@ -231,7 +244,7 @@ def train_job(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    parallel_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1) or 1)
+    parallel_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)  # a joblib launcher's jobs side by side
     with error_policy(run_dir, overrides, multirun):
         try:
             return float(train(cfg, run_dir, overrides, parallel_jobs=parallel_jobs)["val_acc_best"])

@@ -57,15 +57,15 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess lives next to this file
 
+from alexnet_lab.cli import keep_freed_host_memory, load  # noqa: E402
 from alexnet_lab.data.augment import to_float  # noqa: E402
 from alexnet_lab.data.datamodule import (  # noqa: E402
     ImageFolderDataModule,
     augment_in_chunks,
     upload_split,
 )
-from alexnet_lab.data.sampling import epoch_order, epoch_seed  # noqa: E402
 from alexnet_lab.data.preprocess import build_cache, scan_folder  # noqa: E402
-from alexnet_lab.cli import keep_freed_host_memory, load  # noqa: E402
+from alexnet_lab.data.sampling import epoch_order, epoch_seed  # noqa: E402
 from alexnet_lab.module import AlexNetClassifier  # noqa: E402
 from alexnet_lab.train import train  # noqa: E402
 
@@ -386,8 +386,11 @@ def free_wins(
     dm: ImageFolderDataModule, cfg: Any, device: torch.device, downscale: int, quick: bool, compile_: bool
 ) -> dict[str, Any]:
     """Training-step speed-ups: channels-last, bf16 autocast, (GPU) cuDNN benchmark, (--compile) torch.compile."""
-    variants = {"channels_first": Variant(memory_format=torch.contiguous_format), "channels_last": Variant(),
-                "bf16": Variant(bf16=True)}
+    variants = {
+        "channels_first": Variant(memory_format=torch.contiguous_format),
+        "channels_last": Variant(),
+        "bf16": Variant(bf16=True),
+    }
     if device.type == "cuda":
         variants["cudnn_benchmark"] = Variant(cudnn_benchmark=True)
     steps, rounds = (2, 1) if quick else ((20, 3) if device.type == "cuda" else (4, 3))
@@ -432,8 +435,13 @@ def preprocess_speed(raw: Path, work: Path, size: int, files: int | None) -> dic
         path.read_bytes()  # a warm page cache for both
     _, naive_s, _ = timed(naive_loop, paths, size)
     _, ours_s, _ = timed(build_cache, raw, work / "cache-bench", image_size=size, workers=CPUS, progress=False)
-    return {"ratio": naive_s / ours_s, "files": len(paths), "naive_files_per_s": len(paths) / naive_s,
-            "ours_files_per_s": len(paths) / ours_s, "workers": CPUS}
+    return {
+        "ratio": naive_s / ours_s,
+        "files": len(paths),
+        "naive_files_per_s": len(paths) / naive_s,
+        "ours_files_per_s": len(paths) / ours_s,
+        "workers": CPUS,
+    }
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -513,10 +521,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute: few batches, rough ratios")
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--downscales", type=int, nargs="+", default=list(DOWNSCALES), help="model.downscale values")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure torch.compile (and CUDA graphs on a GPU) on the training step")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                        help="before each measurement, wait up to S s for other processes to go quiet")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure torch.compile (and CUDA graphs on a GPU) on the training step",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each measurement, wait up to S s for other processes to go quiet",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (as for train.py)")
     return parser.parse_args()
 
@@ -578,8 +594,10 @@ def table(result: dict[str, Any], rows: list[tuple[str, dict[str, Any]]]) -> str
     ratio = result["preprocess_vs_naive"]
     shown = f"x{ratio:.2f}" if ratio is not None else f"n/a: {result['preprocess'].get('note', '')}"
     lines.append(f"{'preprocess_vs_naive':<24} {shown}")
-    lines.append(f"other processes used {result['other_processes_cores']['whole_run']:.2f} cores on average; "
-                 f"{result['seconds']:.0f} s in all")
+    lines.append(
+        f"other processes used {result['other_processes_cores']['whole_run']:.2f} cores on average; "
+        f"{result['seconds']:.0f} s in all"
+    )
     return "\n".join(lines)
 
 
@@ -591,8 +609,12 @@ def main() -> None:
     keep_freed_host_memory()  # process-wide, as every command sets it up: the bare loop gets it too
 
     # the real default data set, where `python train.py` keeps it (git-ignored data/)
-    base = [f"data.raw_dir={ROOT / 'data/synthetic/raw'}", f"data.cache_dir={ROOT / 'data/cache'}",
-            "data.progress=false", "trainer.max_epochs=3"]
+    base = [
+        f"data.raw_dir={ROOT / 'data/synthetic/raw'}",
+        f"data.cache_dir={ROOT / 'data/cache'}",
+        "data.progress=false",
+        "trainer.max_epochs=3",
+    ]
     if args.quick:  # a few batches per epoch: the same code paths, rough numbers
         base += ["+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]
     cfg = compose([*base, *args.overrides])
@@ -612,8 +634,13 @@ def main() -> None:
         "lightning": pl.__version__,
         "threads": torch.get_num_threads(),
         "quick": args.quick,
-        "data": {"train_images": len(dm.train_idx), "val_images": len(dm.val_idx), "image_size": dm.data.image_size,
-                 "batch_size": dm.data.batch_size, "precision": str(cfg.trainer.precision)},
+        "data": {
+            "train_images": len(dm.train_idx),
+            "val_images": len(dm.val_idx),
+            "image_size": dm.data.image_size,
+            "batch_size": dm.data.batch_size,
+            "precision": str(cfg.trainer.precision),
+        },
     }
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
@@ -627,7 +654,9 @@ def main() -> None:
                 result.setdefault(key, {})[f"d{downscale}"] = value
         result["cpu_bf16"] = cpu_has_bf16() if device.type == "cpu" else None
         log("preprocessing vs the naive loop ...")
-        preprocess = preprocess_speed(Path(cfg.data.raw_dir), work, dm.data.image_size, files=200 if args.quick else None)
+        preprocess = preprocess_speed(
+            Path(cfg.data.raw_dir), work, dm.data.image_size, files=200 if args.quick else None
+        )
         result["preprocess_vs_naive"] = preprocess.pop("ratio")
         result["preprocess"] = preprocess
     finally:

@@ -90,8 +90,10 @@ def speed(raw: Path, work: Path, size: int, workers: int) -> None:
             kind = "unreadable"
         formats[kind] = formats.get(kind, 0) + 1
     n = len(paths)
-    print(f"{n} files ({', '.join(f'{k} {v}' for k, v in sorted(formats.items()))}) in {raw}, "
-          f"image_size {size}, {workers} worker processes on {CPUS} CPUs")
+    print(
+        f"{n} files ({', '.join(f'{k} {v}' for k, v in sorted(formats.items()))}) in {raw}, "
+        f"image_size {size}, {workers} worker processes on {CPUS} CPUs"
+    )
 
     (naive, ok), naive_s, naive_cpu = timed(naive_loop, paths, size)
     _, one_s, one_cpu = timed(build_cache, raw, work / "cache-1", image_size=size, workers=1, progress=False)
@@ -102,8 +104,10 @@ def speed(raw: Path, work: Path, size: int, workers: int) -> None:
         (f"ours, {workers} processes", ours_s, ours_cpu),
     ]
     for label, seconds, cpu in rows:
-        print(f"  {label:<34} {n / seconds:7.0f} img/s  ({seconds:.2f} s)  x{naive_s / seconds:.2f}"
-              f"   CPU {1000 * cpu / n:.2f} ms/img")
+        print(
+            f"  {label:<34} {n / seconds:7.0f} img/s  ({seconds:.2f} s)  x{naive_s / seconds:.2f}"
+            f"   CPU {1000 * cpu / n:.2f} ms/img"
+        )
     print(f"ratio ours / naive: {naive_s / ours_s:.2f}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"  (load average during the run: {load:.1f}; other work on the machine lowers the parallel rate)")
@@ -185,14 +189,23 @@ def memory(raw: Path, work: Path, size: int, workers: int, epoch: bool) -> None:
     result = measure([sys.executable, "-c", build], ROOT)
     kept, nbytes = map(int, result["output"].split()[-2:])
     print(f"preprocess {kept} images -> cache of {nbytes / 2**20:.0f} MiB in {result['seconds']:.1f} s")
-    print(f"  peak memory (MiB), main process: {json.dumps(result['peak_mib']['main'])}; "
-          f"largest worker: {json.dumps(result['peak_mib']['children'])}")
+    print(
+        f"  peak memory (MiB), main process: {json.dumps(result['peak_mib']['main'])}; "
+        f"largest worker: {json.dumps(result['peak_mib']['children'])}"
+    )
     if not epoch:
         return
     command = [
-        sys.executable, str(ROOT / "train.py"), "data=folder", f"data.raw_dir={raw}", f"data.cache_dir={cache_dir}",
-        f"data.image_size={size}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-        "data.progress=false", f"hydra.run.dir={work / 'run'}",
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data=folder",
+        f"data.raw_dir={raw}",
+        f"data.cache_dir={cache_dir}",
+        f"data.image_size={size}",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "data.progress=false",
+        f"hydra.run.dir={work / 'run'}",
     ]
     result = measure(command, work)
     print(f"one training epoch (train + val + test) on {kept} images: {result['seconds']:.1f} s")

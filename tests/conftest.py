@@ -45,8 +45,11 @@ def small_data(raw: Path, tmp_path: Path, **settings):
     """The ``data`` config of a small raw folder: 64 px, one worker, quiet, the cache in tmp_path."""
     from alexnet_lab.config import DataConfig
 
-    return DataConfig(raw_dir=str(raw), cache_dir=str(tmp_path / "cache"), **{
-        "image_size": 64, "workers": 1, "progress": False, **settings})
+    return DataConfig(
+        raw_dir=str(raw),
+        cache_dir=str(tmp_path / "cache"),
+        **{"image_size": 64, "workers": 1, "progress": False, **settings},
+    )
 
 
 def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -6,12 +6,12 @@ import csv
 import json
 
 import pytest
+from conftest import CONF_DIR, compose_config, run_train, tiny_overrides
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from alexnet_lab.identity import flatten
 from alexnet_lab.verdicts import VERDICTS
-from conftest import CONF_DIR, compose_config, run_train, tiny_overrides
 
 #: (experiment, what that notebook step changed); each step keeps every earlier change.
 STEPS = [
@@ -103,7 +103,7 @@ def test_one_command_replays_the_ablation_and_reports_it(tmp_path):
 
     runs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
     assert len(runs) == 9
-    for run, name in zip(runs, NAMES):
+    for run, name in zip(runs, NAMES, strict=True):
         assert f",{name}," in f",{run.name.split('_', 1)[1]},", run.name  # the run dir is named after its step
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["status"] == "ok" and metrics["epochs"] == 1, name  # max_epochs=1 beats ablation_7's 100

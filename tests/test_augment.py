@@ -10,9 +10,7 @@ import torch
 from alexnet_lab.data.augment import AugmentConfig, augment_batch, to_float
 
 SIZE = 64  # the least the AlexNet stem accepts
-IDENTITY = dict(
-    flip=0.0, max_shift=0.0, max_rotate_deg=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0
-)
+IDENTITY = dict(flip=0.0, max_shift=0.0, max_rotate_deg=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0)
 
 
 def only(**changes: object) -> AugmentConfig:
@@ -169,9 +167,7 @@ def test_contrast_only_scales_deviation_within_bound() -> None:
     contrast = 0.2
     images = 0.4 + 0.2 * random_images(batch=64)
     out = augment_batch(images, only(contrast=contrast), seeded(7))
-    torch.testing.assert_close(
-        out.mean(dim=(1, 2, 3)), images.mean(dim=(1, 2, 3)), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), images.mean(dim=(1, 2, 3)), atol=1e-5, rtol=0)
     ratio = out.flatten(1).std(dim=1) / images.flatten(1).std(dim=1)  # (B,)
     assert ratio.min() >= 1 - contrast - 1e-4 and ratio.max() <= 1 + contrast + 1e-4
     assert ratio.min() < 0.95 and ratio.max() > 1.05

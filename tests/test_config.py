@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import yaml
+from conftest import CONF_DIR, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from alexnet_lab import config
 from alexnet_lab.cli import load
-from conftest import CONF_DIR, compose_config
 
 SCHEMA_OF_GROUP = {"model": config.ModelConfig, "optim": config.OptimConfig, "data": config.DataConfig}
 

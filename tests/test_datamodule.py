@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import small_data
 
 from alexnet_lab.data.datamodule import ImageFolderDataModule
-from alexnet_lab.errors import DataError
-from conftest import small_data
 from alexnet_lab.data.sampling import EpochBatchSampler, epoch_order, stratified_split
+from alexnet_lab.errors import DataError
 
 # the notebook's imbalance: 1127 cats, 791 dogs
 LABELS = np.array([0] * 1127 + [1] * 791)
@@ -23,7 +23,7 @@ def test_stratified_split_keeps_class_fractions_and_is_seeded():
         assert counts[0] == round(1127 * fraction) and counts[1] == round(791 * fraction)
     again = stratified_split(LABELS, 0.15, 0.15, seed=0)
     other = stratified_split(LABELS, 0.15, 0.15, seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=True))
     assert not np.array_equal(val, other[1])
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import ROOT, compose_config, tiny_overrides
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -35,7 +36,6 @@ from alexnet_lab.inference import (
     write_predictions_csv,
 )
 from alexnet_lab.train import train
-from conftest import ROOT, compose_config, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +83,18 @@ def test_eval_of_the_own_splits_equals_the_runs_metrics(trained_run):
 
 def test_eval_and_predict_run_through_lightning_and_agree(trained_run, monkeypatch):
     calls = []
-    for name in ("test", "validate", "predict"):
-        def spy(self, *args, _run=getattr(pl.Trainer, name), _name=name, **kwargs):
-            calls.append(_name)
-            return _run(self, *args, **kwargs)
 
-        monkeypatch.setattr(pl.Trainer, name, spy)
+    def spy_on(name):
+        run = getattr(pl.Trainer, name)
+
+        def spy(self, *args, **kwargs):
+            calls.append(name)
+            return run(self, *args, **kwargs)
+
+        return spy
+
+    for name in ("test", "validate", "predict"):
+        monkeypatch.setattr(pl.Trainer, name, spy_on(name))
     model = load_trained(trained_run, device="cpu")
     result = evaluate_split(model, "test")
     evaluate_split(model, "val")
@@ -107,7 +113,7 @@ def test_eval_and_predict_run_through_lightning_and_agree(trained_run, monkeypat
     predictions = predict(model, files, batch_size=3)
     assert calls == ["test", "validate", "predict"] and all(row.ok for row in predictions)
     confusion = np.zeros_like(result.confusion)
-    for i, row in zip(datamodule.test_idx, predictions):
+    for i, row in zip(datamodule.test_idx, predictions, strict=True):
         confusion[cache.labels[i], model.classes.index(row.label)] += 1
     assert confusion.tolist() == result.confusion.tolist()
 
@@ -335,8 +341,21 @@ def test_keep_most_confident_wrong_keeps_the_top_k_wrong_across_batches():
 
 def test_predict_command_line_takes_plain_paths_and_keeps_hydra_options():
     hydra_args, paths = split_path_arguments(
-        ["ckpt_path=run", "a.jpg", "photos/", "out=p.csv", "-cn", "predict", "--info", "config", "b c.png",
-         "--cfg", "job", "--info", "job.png"]
+        [
+            "ckpt_path=run",
+            "a.jpg",
+            "photos/",
+            "out=p.csv",
+            "-cn",
+            "predict",
+            "--info",
+            "config",
+            "b c.png",
+            "--cfg",
+            "job",
+            "--info",
+            "job.png",
+        ]
     )
     assert paths == ["a.jpg", "photos/", "b c.png", "job.png"]
     assert hydra_args == ["ckpt_path=run", "out=p.csv", "-cn", "predict", "--info", "config", "--cfg", "job", "--info"]

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, small_data, tiny_overrides
+from test_report import make_run, with_changes
 
 from alexnet_lab.callbacks import RunState
 from alexnet_lab.data.datamodule import ImageFolderDataModule
@@ -23,10 +25,8 @@ from alexnet_lab.data.sampling import epoch_order, epoch_seed
 from alexnet_lab.identity import finished_metrics
 from alexnet_lab.metrics import confusion_summary
 from alexnet_lab.report import Run, experiment_rows, group_runs, load_runs, run_rows
-from alexnet_lab.verdicts import verdicts
 from alexnet_lab.train import train
-from conftest import compose_config, small_data, tiny_overrides
-from test_report import make_run, with_changes
+from alexnet_lab.verdicts import verdicts
 
 # --------------------------------------------------------------------------- metrics
 
@@ -80,8 +80,13 @@ WINDOW_1 = {"window": 1}
 def flat_history(epochs: int = 4, **row: float) -> list[dict[str, float]]:
     """Every epoch alike: a healthy two-class run, with ``row`` replacing any value."""
     base = {
-        "train/loss": 0.5, "val/loss": 0.5, "train/acc": 0.75, "val/acc": 0.75, "val/balanced_acc": 0.75,
-        "val/pred_frac/cat": 0.5, "val/pred_frac/dog": 0.5,
+        "train/loss": 0.5,
+        "val/loss": 0.5,
+        "train/acc": 0.75,
+        "val/acc": 0.75,
+        "val/balanced_acc": 0.75,
+        "val/pred_frac/cat": 0.5,
+        "val/pred_frac/dog": 0.5,
     }
     return [{**base, **row, "epoch": i} for i in range(epochs)]
 
@@ -118,7 +123,7 @@ def test_overfit_from_a_train_val_gap_of_the_threshold(val_acc, overfit):
 def loss_curve_history(val_end: float, train_end: float) -> list[dict[str, float]]:
     """Val loss falls to 1.0 at epoch 1 then ends at ``val_end``; train loss is 2.0 there, ends at ``train_end``."""
     rows = flat_history(epochs=3)
-    for row, train_loss, val_loss in zip(rows, (2.5, 2.0, train_end), (1.5, 1.0, val_end)):
+    for row, train_loss, val_loss in zip(rows, (2.5, 2.0, train_end), (1.5, 1.0, val_end), strict=True):
         row["train/loss"], row["val/loss"] = train_loss, val_loss
     return rows
 
@@ -140,7 +145,7 @@ def test_overfit_when_val_loss_rises_and_train_loss_falls_by_the_factor(val_end,
 @pytest.mark.parametrize(("end", "diverged"), [(5.0, True), (4.999, False)])
 def test_diverged_from_the_factor_times_the_first_loss(end, diverged):
     rows = flat_history(epochs=3)
-    for row, loss in zip(rows, (0.5, 1.0, end)):
+    for row, loss in zip(rows, (0.5, 1.0, end), strict=True):
         row["train/loss"] = loss
     assert ("diverged" in verdicts(rows, {**WINDOW_1, "diverged_factor": 10.0})) is diverged
 
@@ -257,15 +262,22 @@ def test_finished_runs_are_ok_or_diverged_and_nothing_else(tmp_path, content, fi
     assert (finished_metrics(tmp_path) is not None) is finished
 
 
-@pytest.mark.parametrize(("status", "finished"), [("ok", True), ("diverged", True), ("failed", False), ("interrupted", False)])
+@pytest.mark.parametrize(
+    ("status", "finished"), [("ok", True), ("diverged", True), ("failed", False), ("interrupted", False)]
+)
 def test_the_report_counts_finished_runs_by_status(tmp_path, status, finished):
     run = load_runs(make_run(tmp_path, "0_run", metrics={"status": status}))[0]
     assert isinstance(run, Run) and run.finished is finished
 
 
 def test_resume_skips_a_finished_run_and_retries_a_failed_one(tmp_path):
-    cfg = compose_config("data=folder", f"data.raw_dir={tmp_path / 'nothing_here'}", "resume=true",
-                         f"data.cache_dir={tmp_path / 'cache'}", "trainer.accelerator=cpu")
+    cfg = compose_config(
+        "data=folder",
+        f"data.raw_dir={tmp_path / 'nothing_here'}",
+        "resume=true",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.accelerator=cpu",
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     done = {"status": "ok", "val_acc_best": 0.75, "history": []}

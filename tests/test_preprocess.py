@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_train, tiny_overrides
+from filelock import FileLock
 from PIL import Image
 
-from filelock import FileLock
-
 from alexnet_lab.data import preprocess
-from conftest import run_train, tiny_overrides
 from alexnet_lab.data.folders import build_folder
 from alexnet_lab.data.preprocess import (
     DiscardRules,
@@ -211,14 +210,26 @@ def add_unreadable_files(folder: DirtyFolder) -> None:
     add("cat/truncated.jpg", whole_jpeg[: len(whole_jpeg) // 2], "unreadable: truncated")
     add("dog/truncated.png", whole_png[: len(whole_png) // 2], "unreadable: truncated")
     add("cat/bad_header.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "unreadable: corrupt")
-    add("dog/garbage.jpg", np.random.default_rng(1).integers(0, 256, 3000, np.uint8).tobytes(),
-        "unreadable: not an image")
-    add("dog/error_page.jpg", b"<!DOCTYPE html><html><body><h1>404 Not Found</h1></body></html>\n",
-        "unreadable: not an image")
-    add("dog/photo.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200),
-        "unreadable: unsupported format")
-    add("dog/drawing.svg", b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>\n',
-        "unreadable: unsupported format")
+    add(
+        "dog/garbage.jpg",
+        np.random.default_rng(1).integers(0, 256, 3000, np.uint8).tobytes(),
+        "unreadable: not an image",
+    )
+    add(
+        "dog/error_page.jpg",
+        b"<!DOCTYPE html><html><body><h1>404 Not Found</h1></body></html>\n",
+        "unreadable: not an image",
+    )
+    add(
+        "dog/photo.heic",
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200),
+        "unreadable: unsupported format",
+    )
+    add(
+        "dog/drawing.svg",
+        b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>\n',
+        "unreadable: unsupported format",
+    )
     add("cat/bomb.png", png_claiming(100_000, 100_000), "unreadable: decompression bomb")  # 10 G pixels
     add("dog/bomb.jpg", jpeg_claiming(60_000, 60_000), "unreadable: decompression bomb")
     # 100 M pixels: above the limit (89.5 M) but below twice it, where Pillow only warns
@@ -254,8 +265,9 @@ def dirty(tmp_path_factory: pytest.TempPathFactory):
     raw, expected, known = make_dirty_raw(root)
     before = snapshot(raw)
     started = time.perf_counter()
-    cache = build_cache(raw, root / "cache", image_size=SIZE, workers=2, progress=False,
-                        discard={"known_digests": [known]})
+    cache = build_cache(
+        raw, root / "cache", image_size=SIZE, workers=2, progress=False, discard={"known_digests": [known]}
+    )
     seconds = time.perf_counter() - started
     return raw, expected, known, before, cache, seconds
 
@@ -344,8 +356,14 @@ def test_dirty_folder_images_are_converted_right(dirty) -> None:
 
     as_jpeg = load_image(raw / "cat" / "no_extension", SIZE)[0]
     assert np.array_equal(image["cat/no_extension"], as_jpeg)
-    for name in ("cat/photo.webp", "cat/photo.bmp", "cat/UPPER.JPG", "cat/name with spaces é.png", "dog/狗 1.jpg",
-                 "dog/" + os.fsdecode(b"latin1_caf\xe9.jpg")):
+    for name in (
+        "cat/photo.webp",
+        "cat/photo.bmp",
+        "cat/UPPER.JPG",
+        "cat/name with spaces é.png",
+        "dog/狗 1.jpg",
+        "dog/" + os.fsdecode(b"latin1_caf\xe9.jpg"),
+    ):
         assert image[name][12:52].std() > 5, name  # a real picture, not padding
 
 
@@ -356,11 +374,20 @@ def test_dirty_folder_report(dirty) -> None:
     assert f"files seen: {len(expected)}" in report
     assert "kept: 26 (cat 17, dog 9)" in report
     assert "placeholder groups: 2" in report and "6 files (cat 3, dog 3; repeated)" in report
-    for reason, count in (("unreadable: decompression bomb", 3), ("placeholder: repeated content", 6),
-                          ("not data: hidden", 4)):
+    for reason, count in (
+        ("unreadable: decompression bomb", 3),
+        ("placeholder: repeated content", 6),
+        ("not data: hidden", 4),
+    ):
         assert re.search(rf"\n    {reason} +{count}\n", report), reason
-    reused = build_cache(cache.meta["raw_dir"], cache.path.parent, image_size=SIZE, workers=1, progress=False,
-                         discard=cache.meta["discard"])
+    reused = build_cache(
+        cache.meta["raw_dir"],
+        cache.path.parent,
+        image_size=SIZE,
+        workers=1,
+        progress=False,
+        discard=cache.meta["discard"],
+    )
     assert reused.path == cache.path and not reused.built
     assert "reused, nothing decoded" in format_report(reused)
 
@@ -554,8 +581,13 @@ def test_changed_setting_or_file_gives_new_cache(tmp_path: Path) -> None:
         return build_cache(raw, cache_dir, **{"image_size": SIZE, "workers": 1, "progress": False, **settings}).path
 
     base = build()
-    paths = [base, build(image_size=SIZE + 8), build(grayscale=False), build(discard={"min_std": 5.0}),
-             build(discard={"max_image_pixels": 10**6})]
+    paths = [
+        base,
+        build(image_size=SIZE + 8),
+        build(grayscale=False),
+        build(discard={"min_std": 5.0}),
+        build(discard={"max_image_pixels": 10**6}),
+    ]
     assert build() == base  # unchanged: the same cache
     touched = raw / "cat" / "001.jpg"
     stat = touched.stat()
@@ -579,8 +611,9 @@ def test_discard_settings_change_what_is_kept(tmp_path: Path) -> None:
     assert len(default) == 10 and default.meta["discarded_by_reason"]["placeholder: near-constant image"] == 1
     strict = build_cache(raw, cache_dir, image_size=SIZE, workers=1, progress=False, discard={"min_copies": 3})
     assert len(strict) == 7 and strict.meta["discarded_by_reason"]["placeholder: repeated content"] == 3
-    off = build_cache(raw, cache_dir, image_size=SIZE, workers=1, progress=False,
-                      discard={"min_copies": 0, "min_std": 0})
+    off = build_cache(
+        raw, cache_dir, image_size=SIZE, workers=1, progress=False, discard={"min_copies": 0, "min_std": 0}
+    )
     assert len(off) == 11 and "placeholder: near-constant image" not in off.meta["discarded_by_reason"]
 
 
@@ -917,7 +950,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_preprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "preprocess.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -15,15 +15,23 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import ROOT, compose_config, run_train, tiny_overrides
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from alexnet_lab.callbacks import SweepReport
 from alexnet_lab.identity import config_diff, split_name, strip_common
-from alexnet_lab.report import experiment_rows, group_runs, load_run, load_runs, plot_training_stats, run_rows, write_report
+from alexnet_lab.report import (
+    experiment_rows,
+    group_runs,
+    load_run,
+    load_runs,
+    plot_training_stats,
+    run_rows,
+    write_report,
+)
 from alexnet_lab.verdicts import VERDICTS, VerdictThresholds, verdicts
-from conftest import ROOT, compose_config, run_train, tiny_overrides
 
 # --------------------------------------------------------------------------- crafted histories
 

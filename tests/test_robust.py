@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose_config, run_train, tiny_overrides
 
 from alexnet_lab.train import reset_job_state
-from conftest import ROOT, compose_config, run_train, tiny_overrides
 
 # long enough (about a second of training) that a signal lands mid-run
 LONG_RUN = ["trainer.max_epochs=8", "data.synthetic.counts={cat:60,dog:40}", "data.augment=true", "model.dropout=0.5"]
@@ -54,8 +54,14 @@ def test_diverging_and_crashing_jobs_do_not_stop_the_sweep(tmp_path):
     not_a_dir.write_text("a file where the cache folder should be\n")
     sweep = tmp_path / "sweep"
     result = run_train(
-        ["-m", "optim.lr=1e-3,1e6", f"data.cache_dir={tmp_path / 'cache'},{not_a_dir}",
-         *tiny_overrides(tmp_path, epochs=4)[2:], f"data.raw_dir={tmp_path / 'raw'}", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            "optim.lr=1e-3,1e6",
+            f"data.cache_dir={tmp_path / 'cache'},{not_a_dir}",
+            *tiny_overrides(tmp_path, epochs=4)[2:],
+            f"data.raw_dir={tmp_path / 'raw'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode != 0, "a failed job must make the multirun exit non-zero"
@@ -101,7 +107,10 @@ def start_and_signal(tmp_path: Path, run_dir: Path, signum: int) -> subprocess.P
     """Start a long run, send ``signum`` once its first end-of-epoch checkpoint exists, and wait."""
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *tiny_overrides(tmp_path), *LONG_RUN, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
@@ -145,8 +154,11 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_resumes_exactly(uninterrupted, sign
 
 def files_of(sweep: Path) -> dict[str, int]:
     """Every file of every job of a sweep (but its log) and its mtime."""
-    return {str(path.relative_to(sweep)): path.stat().st_mtime_ns for path in sweep.glob("*_*/**/*")
-            if path.is_file() and path.name != "train.log"}
+    return {
+        str(path.relative_to(sweep)): path.stat().st_mtime_ns
+        for path in sweep.glob("*_*/**/*")
+        if path.is_file() and path.name != "train.log"
+    }
 
 
 @pytest.mark.slow
@@ -167,12 +179,16 @@ def test_the_readme_resume_flow_skips_finished_jobs_and_leaves_them_alone(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], ["hydra/launcher=submitit_local"]])
+@pytest.mark.parametrize(
+    "launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], ["hydra/launcher=submitit_local"]]
+)
 def test_parallel_launchers_run_a_two_job_sweep(tmp_path, launcher):
     # build the data once first, so the two jobs only read it
     assert run_train([*tiny_overrides(tmp_path), f"hydra.run.dir={tmp_path / 'warmup'}"], cwd=tmp_path).returncode == 0
     sweep = tmp_path / "sweep"
-    result = run_train(["-m", "seed=0,1", *launcher, *tiny_overrides(tmp_path), f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = run_train(
+        ["-m", "seed=0,1", *launcher, *tiny_overrides(tmp_path), f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sweep_runs(sweep)
     metrics = [read_metrics(run) for run in runs.values()]
@@ -186,8 +202,14 @@ def test_parallel_launchers_run_a_two_job_sweep(tmp_path, launcher):
 def test_ddp_spawn_with_two_cpu_processes_inside_a_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train(
-        ["-m", "seed=0,1", "trainer.strategy=ddp_spawn", "trainer.devices=2", *tiny_overrides(tmp_path, epochs=2),
-         f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            "seed=0,1",
+            "trainer.strategy=ddp_spawn",
+            "trainer.devices=2",
+            *tiny_overrides(tmp_path, epochs=2),
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -203,7 +225,9 @@ def test_ddp_spawn_with_two_cpu_processes_inside_a_multirun(tmp_path):
 def test_two_runs_started_together_get_their_own_dirs(tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), *tiny_overrides(tmp_path), "trainer.max_epochs=1"]
     assert run_train(args[2:], cwd=tmp_path).returncode == 0  # data built once
-    processes = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    processes = [
+        subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)
+    ]
     assert [p.wait(timeout=180) for p in processes] == [0, 0]
     assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 3
 

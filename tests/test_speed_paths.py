@@ -18,9 +18,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import compose_config, small_data, tiny_overrides
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from alexnet_lab.cli import load
 from alexnet_lab.data.augment import AugmentConfig, augment_batch
 from alexnet_lab.data.datamodule import (
     CPU_AUGMENT_CHUNK,
@@ -29,10 +31,8 @@ from alexnet_lab.data.datamodule import (
     augment_in_chunks,
     upload_split,
 )
-from alexnet_lab.cli import load
 from alexnet_lab.module import AlexNetClassifier, ConfusionCounts
 from alexnet_lab.train import train
-from conftest import compose_config, small_data, tiny_overrides
 
 MODEL = {"arch": "notebook", "downscale": 16, "dropout": 0.0, "lrn": False}
 OPTIM = {"name": "Adam", "lr": 1e-3}
@@ -41,8 +41,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def fake_trainer(device: torch.device, world_size: int = 1, rank: int = 0) -> SimpleNamespace:
     """What the datamodule reads from its trainer, for loaders built outside a fit (training, epoch 0)."""
-    return SimpleNamespace(world_size=world_size, global_rank=rank, training=True, current_epoch=0,
-                           strategy=SimpleNamespace(root_device=device))
+    return SimpleNamespace(
+        world_size=world_size,
+        global_rank=rank,
+        training=True,
+        current_epoch=0,
+        strategy=SimpleNamespace(root_device=device),
+    )
 
 
 def make_datamodule(raw, tmp_path, **settings) -> ImageFolderDataModule:
@@ -56,9 +61,18 @@ def fit(dm: ImageFolderDataModule, epochs: int, **trainer_kwargs) -> tuple[AlexN
     pl.seed_everything(0, verbose=False)
     module = AlexNetClassifier(MODEL, OPTIM, dm.classes, dm.in_channels)
     trainer = pl.Trainer(
-        **{"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "logger": False,
-           "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-           "num_sanity_val_steps": 0, "use_distributed_sampler": False, **trainer_kwargs}
+        **{
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": epochs,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "use_distributed_sampler": False,
+            **trainer_kwargs,
+        }
     )
     trainer.fit(module, datamodule=dm)
     return module, trainer
@@ -78,7 +92,7 @@ def test_device_loader_yields_the_host_loaders_batches(make_raw, tmp_path, balan
             device_loader.sampler.set_epoch(epoch)
             host_batches, device_batches = list(host_loader), list(device_loader)
             assert len(device_batches) == len(host_batches) == len(device_loader) == len(host_loader)
-            for (hx, hy), (dx, dy) in zip(host_batches, device_batches):
+            for (hx, hy), (dx, dy) in zip(host_batches, device_batches, strict=True):
                 assert dx.dtype == hx.dtype == torch.uint8 and dy.dtype == hy.dtype == torch.int64
                 assert torch.equal(dx, hx) and torch.equal(dy, hy)
             if name == "train_dataloader":
@@ -121,7 +135,7 @@ def test_device_path_trains_to_the_host_paths_metrics(make_raw, tmp_path):
         assert trainer.train_dataloader.sampler.epoch == 1  # Lightning set the epoch on our sampler
         runs[on_device] = module.history
     assert len(runs[True]) == len(runs[False]) == 2
-    for host_row, device_row in zip(runs[False], runs[True]):
+    for host_row, device_row in zip(runs[False], runs[True], strict=True):
         for key, value in host_row.items():
             if key != "epoch_s":
                 assert device_row[key] == pytest.approx(value, rel=1e-6, abs=1e-7, nan_ok=True), key
@@ -171,12 +185,20 @@ def test_bf16_mixed_trains_on_cpu(make_raw, tmp_path):
     before = [p.detach().clone() for p in module.parameters()]
     output_dtypes = set()
     module.net.features.register_forward_hook(lambda _, __, out: output_dtypes.add(out.dtype))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="bf16-mixed", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=dm)
     assert torch.bfloat16 in output_dtypes  # the convolutions ran under bf16 autocast
     assert all(p.dtype == torch.float32 for p in module.parameters())  # weights stay float32
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
     row = module.history[-1]
     assert math.isfinite(row["train/loss"]) and math.isfinite(row["val/loss"])
 
@@ -248,8 +270,10 @@ def test_metrics_skip_host_side_input_checks():
 
 def test_confusion_counts_match_torchmetrics_without_bincount(monkeypatch):
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 3, (n,), generator=generator), torch.randint(0, 3, (n,), generator=generator))
-               for n in (17, 5)]
+    batches = [
+        (torch.randint(0, 3, (n,), generator=generator), torch.randint(0, 3, (n,), generator=generator))
+        for n in (17, 5)
+    ]
     reference = MulticlassConfusionMatrix(num_classes=3)
     for preds, target in batches:
         reference.update(preds, target)
@@ -289,8 +313,8 @@ def test_a_training_step_never_reads_a_tensor_back(make_raw, tmp_path, monkeypat
 
     for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, read_back)
-    for images, labels in [(images, labels), next(batches)]:
-        batch = dm.on_after_batch_transfer((images, labels), 0)
+    for step_batch in [(images, labels), next(batches)]:
+        batch = dm.on_after_batch_transfer(step_batch, 0)
         module.training_step(batch, 0).backward()
     monkeypatch.undo()
     assert int(module.confusion["fit"].confmat.sum()) == 8  # both steps were counted
@@ -306,7 +330,7 @@ def test_gpu_device_path_gives_the_host_batches_and_never_syncs_in_a_step(make_r
     host.trainer = device.trainer = trainer
     loader = device.train_dataloader()
     assert isinstance(loader, DeviceBatches) and loader.images.device.type == "cuda"  # auto chose the GPU
-    for (hx, hy), (dx, dy) in zip(host.train_dataloader(), loader):
+    for (hx, hy), (dx, dy) in zip(host.train_dataloader(), loader, strict=True):
         assert torch.equal(dx.cpu(), hx) and torch.equal(dy.cpu(), hy)
 
     module = AlexNetClassifier(MODEL, OPTIM, device.classes, device.in_channels).to(cuda)
@@ -338,7 +362,7 @@ def test_gpu_fit_on_device_matches_the_host_path(make_raw, tmp_path):
         module, trainer = fit(dm, epochs=2, accelerator="gpu")
         assert isinstance(trainer.train_dataloader, DeviceBatches if on_device else DataLoader)
         runs[on_device] = module.history
-    for host_row, device_row in zip(runs[False], runs[True]):
+    for host_row, device_row in zip(runs[False], runs[True], strict=True):
         # same batches and augmentations; cuDNN's backward kernels may add rounding differences
         assert device_row["train/loss"] == pytest.approx(host_row["train/loss"], rel=1e-3)
         assert device_row["val/loss"] == pytest.approx(host_row["val/loss"], rel=1e-3)

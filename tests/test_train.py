@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import compose_config, run_train, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alexnet_lab.cli import load
 from alexnet_lab.errors import ConfigError
 from alexnet_lab.identity import run_name
 from alexnet_lab.train import train
-from conftest import compose_config, run_train, tiny_overrides
 
 
 def test_defaults_are_the_notebooks_first_run():
@@ -38,8 +38,15 @@ def test_run_name_says_what_differs_in_what_is_learned():
     assert run_name(["experiment=ablation_2_dropout", "seed=1"]) == "ablation_2_dropout,seed=1"
     assert run_name(["model.downscale=8", "optim=sgd"]) == "model.downscale=8,optim=sgd"
     # paths, progress bars, resume and device placement do not change what is learned
-    skipped = ["resume=true", "data.cache_dir=/c", "data.raw_dir=/r", "trainer.enable_progress_bar=false",
-               "data.on_device=false", "verdicts.window=3", "data.progress=false"]
+    skipped = [
+        "resume=true",
+        "data.cache_dir=/c",
+        "data.raw_dir=/r",
+        "trainer.enable_progress_bar=false",
+        "data.on_device=false",
+        "verdicts.window=3",
+        "data.progress=false",
+    ]
     assert run_name(["model.downscale=8", *skipped]) == "model.downscale=8"
     assert run_name(["+trainer.fast_dev_run=true", "data.synthetic.counts={cat:1,dog:1}"]) == (
         "+trainer.fast_dev_run=true,data.synthetic.counts={cat:1,dog:1}"
@@ -85,8 +92,17 @@ def test_bad_config_values_name_their_key(override, key):
     assert key in message and "\n" not in message
 
 
-@pytest.mark.parametrize("override", ["model.downscale=abc", "model.downscale=2.5", "data.balance=maybe",
-                                      "model.dropout=x", "optim.momentum=0.9", "model.nosuch=1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.downscale=abc",
+        "model.downscale=2.5",
+        "data.balance=maybe",
+        "model.dropout=x",
+        "optim.momentum=0.9",
+        "model.nosuch=1",
+    ],
+)
 def test_a_value_of_the_wrong_type_or_an_unknown_key_fails_when_the_config_is_composed(override):
     from hydra.errors import ConfigCompositionException
 
@@ -157,9 +173,11 @@ def test_multirun_over_downscale_gives_one_named_run_per_point(tmp_path):
         ["-m", "model.downscale=4,8,16", *tiny_overrides(tmp_path), f"hydra.sweep.dir={sweep}"], cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted((p for p in sweep.iterdir() if (p / "metrics.json").exists()), key=lambda p: int(p.name.split("_")[0]))
+    runs = sorted(
+        (p for p in sweep.iterdir() if (p / "metrics.json").exists()), key=lambda p: int(p.name.split("_")[0])
+    )
     assert len(runs) == 3
-    for run, downscale in zip(runs, (4, 8, 16)):
+    for run, downscale in zip(runs, (4, 8, 16), strict=True):
         assert f"model.downscale={downscale}," in run.name + ",", run.name
     params = [json.loads((p / "metrics.json").read_text())["params"] for p in runs]
     assert params[0] > params[1] > params[2]
@@ -193,8 +211,14 @@ def test_bad_raw_dir_fails_in_one_clear_line(tmp_path, make_raw, case):
         raw.mkdir()
     before = sorted((p, p.stat().st_mtime_ns) for p in raw.rglob("*")) if raw.exists() else None
     result = run_train(
-        ["data=folder", f"data.raw_dir={raw}", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=64",
-         "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            "data=folder",
+            f"data.raw_dir={raw}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.image_size=64",
+            "trainer.max_epochs=1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr[-2000:]

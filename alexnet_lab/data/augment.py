@@ -35,9 +35,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(255.0)
 
 
-def _affine_matrices(
-    draws: torch.Tensor, config: AugmentConfig, height: int, width: int
-) -> torch.Tensor:
+def _affine_matrices(draws: torch.Tensor, config: AugmentConfig, height: int, width: int) -> torch.Tensor:
     """Per-sample output->input maps in affine_grid's normalized coordinates, (B, 2, 3).
 
     In pixel units about the image centre the content moves as
@@ -78,10 +76,7 @@ def augment_batch(
     is returned.
     """
     if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(
-            f"augment_batch expects float (B, C, H, W) images, "
-            f"got {images.dtype} {tuple(images.shape)}"
-        )
+        raise ValueError(f"augment_batch expects float (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
     if geometry_is_identity(config) and photometric_is_identity(config):
         return images
 
@@ -95,9 +90,7 @@ def augment_batch(
     if not geometry_is_identity(config):
         theta = _affine_matrices(draws, config, height, width).to(out.dtype)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)  # (B, H, W, 2)
-        out = F.grid_sample(
-            out, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (B, C, H, W)
+        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, H, W)
 
     if not photometric_is_identity(config):
         shape = (batch, 1, 1, 1)

@@ -19,14 +19,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from alexnet_lab.data.augment import AugmentConfig, augment_batch, to_float
+from alexnet_lab.data.augment import augment_batch, to_float
 from alexnet_lab.data.preprocess import Cache, build_cache
 from alexnet_lab.data.sampling import EpochBatchSampler, epoch_seed, stratified_split
 from alexnet_lab.data.synthetic import ensure_synthetic
 from alexnet_lab.errors import DataError
 
 if TYPE_CHECKING:
-    from alexnet_lab.config import DataConfig
+    from alexnet_lab.config import AugmentConfig, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 #: page-faults it in: 16 at a time is 1.4-2x faster here (scripts/bench.py), with the same numbers.
 CPU_AUGMENT_CHUNK = 16
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, C, S, S), int64 labels (B,)
 
-class CacheBatches(Dataset):
+
+class CacheBatches(Dataset[Batch]):
     """Whole batches from the memory-mapped cache: ``dataset[list_of_indices]`` -> (uint8 images, labels)."""
 
     def __init__(self, cache: Cache) -> None:
@@ -90,7 +92,7 @@ def augment_in_chunks(images: torch.Tensor, config: AugmentConfig, generator: to
     """
     if images.device.type != "cpu" or len(images) <= CPU_AUGMENT_CHUNK:
         return augment_batch(images, config, generator)
-    return torch.cat([augment_batch(chunk, config, generator) for chunk in images.split(CPU_AUGMENT_CHUNK)])
+    return torch.cat([augment_batch(chunk, config, generator) for chunk in torch.split(images, CPU_AUGMENT_CHUNK)])
 
 
 def upload_split(
@@ -211,7 +213,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self._device_choice[key] = fits
         return device if self._device_choice[key] else None
 
-    def _loader(self, split: str, indices: np.ndarray, *, train: bool) -> DataLoader | DeviceBatches:
+    def _loader(self, split: str, indices: np.ndarray, *, train: bool) -> DataLoader[Batch] | DeviceBatches:
         cache = self._load()
         # data-parallel: each process takes its share; batch_size stays the batch of one optimizer step
         replicas = self.trainer.world_size if self.trainer is not None else 1
@@ -241,13 +243,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
         # batch_size=None: the sampler hands over whole batches, the dataset slices them at once
         return DataLoader(CacheBatches(cache), sampler=sampler, batch_size=None, num_workers=0)
 
-    def train_dataloader(self) -> DataLoader | DeviceBatches:
+    def train_dataloader(self) -> DataLoader[Batch] | DeviceBatches:
         return self._loader("train", self.train_idx, train=True)
 
-    def val_dataloader(self) -> DataLoader | DeviceBatches:
+    def val_dataloader(self) -> DataLoader[Batch] | DeviceBatches:
         return self._loader("val", self.val_idx, train=False)
 
-    def test_dataloader(self) -> DataLoader | DeviceBatches:
+    def test_dataloader(self) -> DataLoader[Batch] | DeviceBatches:
         return self._loader("test", self.test_idx, train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -263,6 +265,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         An epoch's augmentations then depend on nothing that ran before it, so a run resumed
         from an end-of-epoch checkpoint draws exactly what the uninterrupted run drew.
         """
+        assert self.trainer is not None  # augmentation runs in training only
         key = (self.trainer.current_epoch, str(device))
         if getattr(self, "_generator_key", None) != key:
             self._generator = torch.Generator(device=device)

@@ -46,7 +46,7 @@ import re
 import time
 import warnings
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,8 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from alexnet_lab.data.folders import build_folder, exit_with_parent
 from alexnet_lab.config import DiscardRules
+from alexnet_lab.data.folders import build_folder, exit_with_parent
 from alexnet_lab.errors import DataError, from_mapping
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,49 @@ PREPROCESS_VERSION = 2
 # Extensions that name an image; a file with another (or no) extension is still decoded if its
 # content is an image, but text content in it is then "not data" rather than a broken download.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-     ".ico", ".jp2", ".j2k", ".avif"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".ico",
+        ".jp2",
+        ".j2k",
+        ".avif",
+    }
 )
 # Pillow formats a file may be decoded as. Others are left out on purpose: some (TGA, PCD, ...)
 # have no magic bytes and would "recognise" random garbage as a picture.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "ICO", "JPEG2000", "AVIF")
 TEXT_EXTENSIONS = frozenset(
-    {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".html", ".htm", ".log", ".yaml", ".yml",
-     ".ini", ".cfg", ".py", ".sh", ".url"}
+    {
+        ".txt",
+        ".md",
+        ".rst",
+        ".csv",
+        ".tsv",
+        ".json",
+        ".jsonl",
+        ".xml",
+        ".html",
+        ".htm",
+        ".log",
+        ".yaml",
+        ".yml",
+        ".ini",
+        ".cfg",
+        ".py",
+        ".sh",
+        ".url",
+    }
 )
 SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})  # lower case
 # None = the platform's default (multiprocessing.set_start_method applies); "spawn" also works.
@@ -88,7 +122,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _HASH_BLOCK = 1 << 20  # bytes read at a time when hashing
 # manifest.csv and meta.json: UTF-8; a file name that is not valid UTF-8 (POSIX allows any bytes)
 # round-trips through the surrogates Python decodes it to, instead of failing the build.
-_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
+_ERRORS = "surrogateescape"
 
 # Discard reasons: the manifest's `reason` is one of these, then details in parentheses.
 REPEATED = "placeholder: repeated content"
@@ -156,7 +190,7 @@ class Cache:
 
     @property
     def channels(self) -> int:
-        return self.images.shape[1]
+        return int(self.images.shape[1])
 
 
 # ----------------------------------------------------------------------------- images
@@ -258,7 +292,7 @@ def _pixels(image: Image.Image) -> np.ndarray:
     """(S, S) or (S, S, 3) Pillow image -> uint8 (C, S, S)."""
     pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim == 2:
-        return pixels[None].copy()  # (1, S, S)
+        return np.array(pixels[None])  # (1, S, S), a copy
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
 
 
@@ -373,9 +407,7 @@ def _failure_reason(path: Path, exc: BaseException, max_image_pixels: int) -> st
     return f"{CORRUPT} ({_oneline(exc)})"
 
 
-def _decode_chunk(
-    jobs: Sequence[str], size: int, grayscale: bool, rules: DiscardRules
-) -> tuple[np.ndarray, list[str]]:
+def _decode_chunk(jobs: Sequence[str], size: int, grayscale: bool, rules: DiscardRules) -> tuple[np.ndarray, list[str]]:
     """Decode files: (kept pixels uint8 (K, C, S, S) in job order, a reason per job, "" = kept).
 
     One array per chunk, so that a worker sends its results back in one piece. Top level: spawn-safe.
@@ -421,7 +453,7 @@ def _not_data_reason(name: str) -> str:
     return ""
 
 
-def _entries(folder: Path, name: str) -> list[os.DirEntry]:
+def _entries(folder: Path, name: str) -> list[os.DirEntry[str]]:
     """The entries of `folder` by name; a DataError naming it `name` if it cannot be listed."""
     try:
         return sorted(os.scandir(folder), key=lambda entry: entry.name)
@@ -429,7 +461,7 @@ def _entries(folder: Path, name: str) -> list[os.DirEntry]:
         raise DataError(f"cannot list {name} ({exc.strerror}): make it readable") from exc
 
 
-def _raw_file(raw_dir: Path, entry: os.DirEntry, class_name: str, skip: str = "") -> RawFile:
+def _raw_file(raw_dir: Path, entry: os.DirEntry[str], class_name: str, skip: str = "") -> RawFile:
     """An entry with its size and mtime; a folder (only hidden ones come here), a link to nowhere,
     a pipe or a device is not data."""
     path = Path(entry.path)
@@ -531,7 +563,11 @@ def _sha256(path: Path) -> str | None:
 
 
 def _screen_without_decoding(
-    samples: Sequence[tuple[RawFile, int]], classes: Sequence[str], rules: DiscardRules, workers: int, reasons: dict
+    samples: Sequence[tuple[RawFile, int]],
+    classes: Sequence[str],
+    rules: DiscardRules,
+    workers: int,
+    reasons: dict[str, str],
 ) -> list[dict[str, Any]]:
     """Add the reasons of placeholders (by content) and empty files to `reasons`; the groups for meta.json.
 
@@ -555,7 +591,7 @@ def _screen_without_decoding(
     with concurrent.futures.ThreadPoolExecutor(max(1, 2 * workers)) as pool:
         digests = list(pool.map(_sha256, [samples[i][0].path for i in candidates]))
     by_digest: dict[str, list[int]] = defaultdict(list)
-    for i, digest in zip(candidates, digests):
+    for i, digest in zip(candidates, digests, strict=True):
         if digest is not None:
             by_digest[digest].append(i)
     groups = [(digest, members) for digest, members in by_digest.items() if digest in known or repeated(members)]
@@ -593,10 +629,10 @@ def load_cache(path: Path) -> Cache:
             f"cache {path} is incomplete (missing {', '.join(missing)}): delete that folder and build it again"
         )
     try:
-        meta = json.loads((path / "meta.json").read_text(**_TEXT))
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8", errors=_ERRORS))
         images = np.load(path / "images.npy", mmap_mode="r")
         labels = np.load(path / "labels.npy")
-        with open(path / "manifest.csv", newline="", **_TEXT) as handle:
+        with open(path / "manifest.csv", newline="", encoding="utf-8", errors=_ERRORS) as handle:
             kept = [row for row in csv.DictReader(handle) if row["status"] == "kept"]
         kept.sort(key=lambda row: int(row["index"]))
         size = int(meta["image_size"])
@@ -635,7 +671,7 @@ def _default_workers() -> int:
 
 def _decode_all(
     jobs: Sequence[str], size: int, grayscale: bool, rules: DiscardRules, workers: int
-) -> Iterator[tuple[np.ndarray, list[str]]]:
+) -> Generator[tuple[np.ndarray, list[str]], None, None]:
     """Decoded chunks, in input order; at most a few chunks per worker in flight (bounded memory).
 
     Not Executor.map: before Python 3.14 it submits every chunk at once, and chunks finished
@@ -668,8 +704,8 @@ def _decode_all(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w", **_TEXT) as handle:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8", errors=_ERRORS) as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
         handle.flush()
@@ -812,9 +848,9 @@ def _decode_into(
         with redirect, bar, contextlib.closing(decoded):
             rows = iter(to_decode)
             for pixels, chunk_reasons in decoded:
-                images.write(pixels)  # (K, C, S, S) C-contiguous: the next K rows, no copy
+                images.write(pixels.data)  # (K, C, S, S) C-contiguous: the next K rows, no copy
                 # chunk_reasons first: zip stops on it without taking one row too many from `rows`
-                for reason, (raw, label) in zip(chunk_reasons, rows):
+                for reason, (raw, label) in zip(chunk_reasons, rows, strict=False):
                     if reason:
                         reasons[raw.relative] = reason
                         log.debug("discarding %s: %s", raw.path, reason)
@@ -836,7 +872,7 @@ def _write_manifest(
     path: Path, files: Sequence[RawFile], kept_index: Mapping[str, int], reasons: Mapping[str, str]
 ) -> None:
     """manifest.csv: path,label,status,reason,index, one row per file seen, in path order."""
-    with open(path, "w", newline="", **_TEXT) as handle:
+    with open(path, "w", newline="", encoding="utf-8", errors=_ERRORS) as handle:
         writer = csv.writer(handle)
         writer.writerow(("path", "label", "status", "reason", "index"))
         for raw in files:
@@ -849,7 +885,7 @@ def _write_manifest(
 
 
 def _reason_kind(reason: str) -> str:
-    """"unreadable: truncated (OSError: ...)" -> "unreadable: truncated"."""
+    """ "unreadable: truncated (OSError: ...)" -> "unreadable: truncated"."""
     return reason.split(" (", 1)[0]
 
 
@@ -863,7 +899,10 @@ def _warn_about_unreadable(raw_dir: Path, reasons: Mapping[str, str], shown: int
     examples = ", ".join(broken[:shown]) + (", ..." if len(broken) > shown else "")
     log.warning(
         "%s: skipped %d unreadable files (%s), e.g. %s; every file and reason is in the cache's manifest.csv",
-        raw_dir, len(broken), summary, examples,
+        raw_dir,
+        len(broken),
+        summary,
+        examples,
     )
 
 
