@@ -73,13 +73,7 @@ def test_notebook_widths_at_downscale_16() -> None:
     model = build(arch="notebook", downscale=16)
     assert conv_channels(model) == [6, 16, 24, 16]
     assert hidden_units(model) == [256]
-    assert layer_widths(model.config) == {
-        "conv1": 6,
-        "conv2": 16,
-        "conv3": 24,
-        "conv4": 16,
-        "fc5": 256,
-    }
+    assert layer_widths(model.config) == {"conv1": 6, "conv2": 16, "conv3": 24, "conv4": 16, "fc5": 256}
 
 
 def test_paper_widths_at_downscale_1() -> None:

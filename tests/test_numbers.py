@@ -17,16 +17,28 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, small_data, tiny_overrides
-from test_report import make_run, with_changes
+from test_report import collapsed_history, make_run, with_changes
 
 from alexnet_lab.callbacks import RunState
+from alexnet_lab.config import VerdictThresholds
 from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.data.sampling import epoch_order, epoch_seed
-from alexnet_lab.identity import finished_metrics
+from alexnet_lab.identity import (
+    MAX_NAME_BYTES,
+    config_diff,
+    finished_metrics,
+    format_value,
+    override_key,
+    read_overrides,
+    run_name,
+    split_name,
+    strip_common,
+    without_seed,
+)
 from alexnet_lab.metrics import confusion_summary
-from alexnet_lab.report import Run, experiment_rows, group_runs, load_runs, run_rows
+from alexnet_lab.report import Run, _mean_std, experiment_rows, group_runs, load_runs, run_rows
 from alexnet_lab.train import train
-from alexnet_lab.verdicts import verdicts
+from alexnet_lab.verdicts import VERDICTS, describe_verdicts, verdicts
 
 # --------------------------------------------------------------------------- metrics
 
@@ -286,3 +298,110 @@ def test_resume_skips_a_finished_run_and_retries_a_failed_one(tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps({"status": "failed", "error": "x"}))
     with pytest.raises(ValueError, match="nothing_here"):  # tried again: now the missing data shows
         train(cfg, run_dir)
+
+
+# --------------------------------------------------------------------------- run identity, exactly
+
+
+def comparable(config: dict, choices: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(config=config, choices=choices or {})
+
+
+def test_what_differs_lists_added_removed_and_changed_keys_and_groups():
+    old = comparable({"model.downscale": 16, "model.lrn": False, "data.workers": None}, {"optim": "adam"})
+    new = comparable({"model.downscale": 8, "model.arch": "paper", "data.workers": None}, {"optim": "sgd"})
+    # a group choice first, then keys in order; ", " between parts; a key gone is ~key
+    assert config_diff(old, new) == "optim=sgd, model.arch=paper, model.downscale=8, ~model.lrn"
+    assert config_diff(comparable({"seed": 0}), comparable({"seed": 0, "x": None})) == "x=null"
+    assert config_diff(comparable({"a": 1}), comparable({"a": 1}, {"optim": "sgd"})) == "optim=sgd"
+    assert config_diff(comparable({"a": 1}), comparable({})) == ""  # a run without a config: nothing to compare
+
+
+def test_what_differs_leaves_out_what_a_changed_group_implies_but_not_more():
+    old = comparable(
+        {"optim.name": "Adam", "optim.lr": 0.001, "optim.betas": [0.9, 0.999], "optim.sub.name": "a", "seed": 0},
+        {"optim": "adam"},
+    )
+    new = comparable(
+        {"optim.name": "SGD", "optim.lr": 0.01, "optim.momentum": 0.0, "optim.sub.name": "b", "seed": 1},
+        {"optim": "sgd"},
+    )
+    # name, betas (gone) and momentum (new) come with the group; lr's new value and what follows do not
+    assert config_diff(old, new) == "optim=sgd, optim.lr=0.01, seed=1"
+
+
+def test_values_are_written_as_overrides():
+    assert [format_value(v) for v in (True, None, 0.001, 16, [1, 2], {"cat": 3}, "sgd")] == [
+        "true",
+        "null",
+        "0.001",
+        "16",
+        "[1,2]",
+        '{"cat":3}',
+        "sgd",
+    ]
+
+
+def test_the_key_of_an_override():
+    assert override_key("+trainer.fast_dev_run=true") == "trainer.fast_dev_run"
+    assert override_key("~seed") == "seed"
+    assert override_key("data.note=a=b") == "data.note"
+
+
+def test_run_names_replace_slashes_and_cut_long_names_to_the_limit(tmp_path):
+    assert run_name(["model.arch=a/b"]) == "model.arch=a_b"
+    exactly = "x=" + "a" * (MAX_NAME_BYTES - 2)
+    assert run_name([exactly]) == exactly  # at the limit: kept whole
+    cut = run_name(["x=" + "a" * MAX_NAME_BYTES])
+    assert len(cut.encode()) == MAX_NAME_BYTES and cut[-9] == "-"
+    wide = run_name(["x=" + "é" * MAX_NAME_BYTES])  # the cut falls inside a two-byte character
+    assert len(wide.encode()) <= MAX_NAME_BYTES and wide.startswith("x=éé")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("a: 1\n")  # not a list of overrides
+    assert read_overrides(tmp_path) is None
+
+
+def test_names_split_at_top_level_commas_and_drop_what_all_share():
+    assert split_name("model.arch=X,data.synthetic.counts={cat:1,dog:2},seed=1") == [
+        "model.arch=X",
+        "data.synthetic.counts={cat:1,dog:2}",
+        "seed=1",
+    ]
+    assert strip_common(["a=1,b=2,c=3", "a=1,b=5,c=6"]) == ["b=2,c=3", "b=5,c=6"]
+    assert without_seed("a=1,seed=2,b=3") == "a=1,b=3"
+
+
+def test_experiments_compare_ignoring_seed_and_count_verdicts(tmp_path):
+    make_run(tmp_path, "0_a,seed=0", config=with_changes(seed=0), rows=collapsed_history())
+    make_run(tmp_path, "1_a,seed=1", config=with_changes(seed=1))
+    make_run(tmp_path, "2_b,seed=5", config=with_changes(seed=5, model={"dropout": 0.5}), rows=collapsed_history())
+    rows = experiment_rows(group_runs(load_runs(tmp_path)))
+    assert [row["runs"] for row in rows] == [2, 1]
+    assert rows[1]["differs"] == "model.dropout=0.5"  # seed 0 -> 5 is not a difference between experiments
+    assert rows[0]["verdicts"] == "collapsed 1/2, chance 1/2" and rows[1]["verdicts"] == "collapsed, chance"
+
+
+def test_runs_without_a_config_group_by_name_and_runs_with_one_by_config(tmp_path):
+    for name in ("0_a,seed=0", "1_a,seed=1", "2_b,seed=0"):
+        make_run(tmp_path / "named", name)
+        (tmp_path / "named" / name / ".hydra" / "config.yaml").unlink()
+    assert [(e.label, len(e.runs)) for e in group_runs(load_runs(tmp_path / "named"))] == [("a", 2), ("b", 1)]
+    make_run(tmp_path / "configs", "0_x", config=with_changes(seed=0))
+    make_run(tmp_path / "configs", "1_y", config=with_changes(seed=1))
+    assert [len(e.runs) for e in group_runs(load_runs(tmp_path / "configs"))] == [2]  # one config, two seeds
+
+
+def test_spread_over_seeds_is_per_metric_and_needs_two_values():
+    means, stds = _mean_std(np.array([[1.0, 2.0], [3.0, math.nan], [math.inf, 4.0]]))
+    assert means.tolist() == [2.0, 3.0]
+    assert stds[0] == pytest.approx(math.sqrt(2.0)) and stds[1] == pytest.approx(math.sqrt(2.0))
+    _, one = _mean_std(np.array([[1.0, 2.0], [math.nan, 3.0]]))
+    assert math.isnan(one[0]) and one[1] == pytest.approx(math.sqrt(0.5))
+
+
+def test_verdict_rules_are_described_with_the_thresholds_in_use():
+    rules = describe_verdicts(VerdictThresholds(window=3, overfit_val_loss_rise=0.5, diverged_factor=7.0))
+    assert list(rules) == list(VERDICTS)
+    assert "last 3 epochs" in rules["collapsed"] and "factor >= 1.5" in rules["overfit"]
+    assert ">= 7 x its first-epoch value" in rules["diverged"] and "last 3 epochs" in rules["diverged"]
+    assert "1/classes + 0.05" in rules["chance"] and "95%" in describe_verdicts()["collapsed"]

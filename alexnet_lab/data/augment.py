@@ -52,11 +52,7 @@ def _affine_matrices(draws: torch.Tensor, config: AugmentConfig, height: int, wi
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # (B,)
     aspect = height / width
     linear = torch.stack(
-        [
-            torch.stack([flip * cos, flip * sin * aspect], dim=-1),
-            torch.stack([-sin / aspect, cos], dim=-1),
-        ],
-        dim=-2,
+        [torch.stack([flip * cos, flip * sin * aspect], dim=-1), torch.stack([-sin / aspect, cos], dim=-1)], dim=-2
     )  # (B, 2, 2)
     # a shift of f * W pixels is 2 * f in normalized units (the image spans [-1, 1])
     offset = -(linear @ (2.0 * shift).unsqueeze(-1))  # (B, 2, 1)
@@ -64,9 +60,7 @@ def _affine_matrices(draws: torch.Tensor, config: AugmentConfig, height: int, wi
 
 
 def augment_batch(
-    images: torch.Tensor,
-    config: AugmentConfig,
-    generator: torch.Generator | None = None,
+    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """float (B, C, H, W) in [0,1] -> float (B, C, H, W) in [0,1], same dtype/device.
 

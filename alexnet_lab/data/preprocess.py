@@ -687,9 +687,7 @@ def _decode_all(
     # The platform's start method (fork on Linux up to Python 3.13: cheap, and a script without
     # a __main__ guard still works; forkserver/spawn elsewhere, which the top-level worker allows).
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context(START_METHOD),
-        initializer=exit_with_parent,
+        workers, mp_context=multiprocessing.get_context(START_METHOD), initializer=exit_with_parent
     )
     try:
         in_flight = workers * 3

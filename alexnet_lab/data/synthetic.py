@@ -395,10 +395,7 @@ def _luma(color: tuple[int, int, int] | np.ndarray) -> float:
 
 
 def _contrasting(
-    rng: np.random.Generator,
-    background_luma: float,
-    min_contrast: float,
-    base: tuple[int, int, int] | None = None,
+    rng: np.random.Generator, background_luma: float, min_contrast: float, base: tuple[int, int, int] | None = None
 ) -> tuple[int, int, int]:
     """A random colour (a shade of `base` if given, else `base` itself when no shade fits)
     whose grey level differs from `background_luma` by at least `min_contrast`."""
