@@ -57,17 +57,13 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess lives next to this file
 
-from alexnet_lab.cli import keep_freed_host_memory, load  # noqa: E402
-from alexnet_lab.data.augment import to_float  # noqa: E402
-from alexnet_lab.data.datamodule import (  # noqa: E402
-    ImageFolderDataModule,
-    augment_in_chunks,
-    upload_split,
-)
-from alexnet_lab.data.preprocess import build_cache, scan_folder  # noqa: E402
-from alexnet_lab.data.sampling import epoch_order, epoch_seed  # noqa: E402
-from alexnet_lab.module import AlexNetClassifier  # noqa: E402
-from alexnet_lab.train import train  # noqa: E402
+from alexnet_lab.cli import keep_freed_host_memory, load
+from alexnet_lab.data.augment import to_float
+from alexnet_lab.data.datamodule import ImageFolderDataModule, augment_in_chunks, upload_split
+from alexnet_lab.data.preprocess import build_cache, scan_folder
+from alexnet_lab.data.sampling import epoch_order, epoch_seed
+from alexnet_lab.module import AlexNetClassifier
+from alexnet_lab.train import train
 
 DOWNSCALES = (16, 8, 4)
 
