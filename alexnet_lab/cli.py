@@ -15,12 +15,13 @@ import ctypes
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from alexnet_lab import config
-from alexnet_lab.errors import ConfigError, LabError, fail, one_line
+from alexnet_lab.errors import ConfigError, LabError, T, defaults, fail, from_mapping, one_line
 from alexnet_lab.identity import finished_metrics, run_name
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,31 @@ log = logging.getLogger(__name__)
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # the config tree
 
 
+#: The config a command's YAML (conf/<name>.yaml) extends, and the dataclass :func:`load` checks it against.
+COMMANDS: dict[str, type[Any]] = {
+    "lab": config.LabConfig,
+    "eval": config.EvalConfig,
+    "predict": config.PredictConfig,
+    "preprocess": config.PreprocessConfig,
+}
+
+
 def _register() -> None:
-    """The schema (alexnet_lab/config.py) as Hydra configs the YAML files in conf/ extend."""
+    """The schema's defaults (alexnet_lab/config.py) as the Hydra configs the YAML files in conf/ extend.
+
+    Stored as plain data, not as typed nodes: Hydra then composes any value, and a wrong one
+    fails in :func:`load`, inside the job, as one line naming the key, so that in a multirun
+    the job records it and the other jobs still run.
+    """
     store = ConfigStore.instance()
-    store.store(group="schema/model", name="alexnet", node=config.ModelConfig)
+    store.store(group="schema/model", name="alexnet", node=defaults(config.ModelConfig))
     for name, schema in config.OPTIMIZERS.items():
-        store.store(group="schema/optim", name=name, node=schema)
-    store.store(group="schema/data", name="folder", node=config.DataConfig)
-    synthetic = config.DataConfig(name="synthetic", raw_dir="data/synthetic/raw", synthetic=config.SyntheticConfig())
-    store.store(group="schema/data", name="synthetic", node=synthetic)
-    roots = {
-        "lab": config.LabConfig,
-        "eval": config.EvalConfig,
-        "predict": config.PredictConfig,
-        "preprocess": config.PreprocessConfig,
-    }
-    for name, schema in roots.items():
-        store.store(name=f"{name}_schema", node=schema)  # conf/<command>.yaml extends it
+        store.store(group="schema/optim", name=name, node=defaults(schema))
+    store.store(group="schema/data", name="folder", node=defaults(config.DataConfig))
+    synthetic = {"name": "synthetic", "raw_dir": "data/synthetic/raw", "synthetic": defaults(config.SyntheticConfig)}
+    store.store(group="schema/data", name="synthetic", node={**defaults(config.DataConfig), **synthetic})
+    for name, schema in COMMANDS.items():
+        store.store(name=f"{name}_schema", node=defaults(schema))
     OmegaConf.register_new_resolver("run_name", lambda overrides: run_name(list(overrides)), replace=True)
     OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True)
 
@@ -72,18 +81,20 @@ def _config_subdir(resume: bool) -> str | None:
 _register()
 
 
-def load(cfg: DictConfig | ListConfig) -> Any:
+def load(cfg: DictConfig | ListConfig, schema: type[T], prefix: str = "") -> T:
     """The composed config as checked objects (``LabConfig`` holding ``ModelConfig``, ``DataConfig``, ...).
 
     Raises :class:`ConfigError` with one line naming the key: a required value left unset
-    (``???``), an interpolation that fails, a value out of range.
+    (``???``), an interpolation that fails, a value of the wrong type or out of range.
     """
     try:
-        return OmegaConf.to_object(cfg)
+        plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} is not set: pass {err.full_key}=... on the command line") from None
+        key = ".".join(part for part in (prefix, err.full_key) if part)
+        raise ConfigError(f"{key} is not set: pass {key}=... on the command line") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{getattr(err, 'full_key', None) or 'config'}: {one_line(err)}") from None
+        raise ConfigError(f"{getattr(err, 'full_key', None) or prefix or 'config'}: {one_line(err)}") from None
+    return from_mapping(schema, plain, prefix)
 
 
 def keep_freed_host_memory(trim_threshold_bytes: int = 256 * 2**20) -> bool:
@@ -117,28 +128,36 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _traceback_to_log_file(message: str, error: BaseException) -> None:
+    """``message`` and the error's traceback into the run's log file only: the terminal gets one line."""
+    record = log.makeRecord(
+        log.name, logging.ERROR, __file__, 0, message, (), (type(error), error, error.__traceback__)
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @contextlib.contextmanager
 def error_policy(run_dir: Path | None = None, overrides: Sequence[str] = (), multirun: bool = False) -> Iterator[None]:
     """Bad input: one ``error:`` line and exit 2; in a multirun, recorded and re-raised so the sweep goes on.
 
     With a ``run_dir``, every failure is recorded there (``metrics.json``: ``failed`` and the
-    error's first line; the traceback in the run's log) before it is re-raised.
+    error's first line; the traceback in the run's log file, never on the terminal) before it
+    is re-raised.
     """
     try:
         yield
-    except LabError as err:
-        message = one_line(err)
-        if run_dir is not None:
-            write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": list(overrides)})
-        if multirun:
-            log.error("error: %s", message)
-            raise
-        fail(message)  # once, on stderr: Hydra's log handler writes to stdout
     except Exception as err:
+        bad_input = isinstance(err, LabError)
+        message = one_line(err) if bad_input else f"{type(err).__name__}: {one_line(err)}"
         if run_dir is not None:
-            message = f"{type(err).__name__}: {one_line(err)}"
-            log.exception("run failed: %s", message)  # the traceback goes to the run's log file
+            _traceback_to_log_file(f"{'error' if bad_input else 'run failed'}: {message}", err)
             write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": list(overrides)})
+        if bad_input and not multirun:
+            fail(message)  # once, on stderr: Hydra's log handler writes to stdout
+        if run_dir is not None:
+            print(f"error: {message}", file=sys.stderr)  # this job's one line; the sweep goes on
         raise
 
 
@@ -167,6 +186,7 @@ def run_command(main: Callable[[], Any]) -> None:
     exit 2; a failed job of a multirun (recorded in its run dir) is one line and exit 1. With
     ``HYDRA_FULL_ERROR=1`` set by the user, Hydra's full report is shown instead.
     """
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"  # as Hydra reads it
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
     keep_freed_host_memory()
@@ -186,6 +206,68 @@ def run_command(main: Callable[[], Any]) -> None:
         # a job of a multirun failed (recorded in its run dir), or something broke outside any run
         print(f"error: {type(error).__name__}: {one_line(error)} (the run's log has the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+#: What Hydra's override grammar takes in a value without quotes.
+_BARE_VALUE = re.compile(r"[\w/.\-\\+:$%*@?|~ ]*")
+
+
+def quote_paths(argv: Sequence[str]) -> list[str]:
+    """``key=PATH`` -> ``key='PATH'`` where PATH exists and holds what Hydra cannot take bare (``=``, ``,``, ...).
+
+    So every path the lab prints can be passed back as printed, unquoted: a sweep job's run dir
+    is named after its overrides (``.../0_model.downscale=4,optim=sgd``), and ``eval.py
+    ckpt_path=$RUN`` or ``hydra.run.dir=$RUN resume=true`` must work as typed. A value that
+    names no existing file or folder is left alone: ``seed=0,1`` stays a sweep.
+    """
+    quoted = []
+    for argument in argv:
+        key, equals, value = argument.partition("=")
+        if equals and not key.startswith("-") and not _BARE_VALUE.fullmatch(value) and os.path.exists(value):
+            argument = key + "='" + value.replace("'", "\\'") + "'"
+        quoted.append(argument)
+    return quoted
+
+
+#: Hydra's own options that take the next argument as their value.
+_HYDRA_VALUE_OPTIONS = frozenset(
+    {
+        "--cfg",
+        "-c",
+        "--package",
+        "-p",
+        "--config-path",
+        "-cp",
+        "--config-name",
+        "-cn",
+        "--config-dir",
+        "-cd",
+        "--experimental-rerun",
+    }
+)
+_HYDRA_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
+
+
+def split_path_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split a command line into Hydra's arguments and plain paths (no ``=``, not an option).
+
+    ``predict.py ckpt_path=run photos/*.jpg`` then works with the shell's glob. An argument
+    naming a file or folder that exists is a path, even with ``=`` in its name (a run dir).
+    """
+    hydra_args: list[str] = []
+    paths: list[str] = []
+    previous = ""
+    for argument in argv:
+        is_info_value = previous in ("--info", "-i") and argument in _HYDRA_INFO_VALUES
+        is_value = previous in _HYDRA_VALUE_OPTIONS or is_info_value
+        if is_value or argument.startswith("-") or ("=" in argument and not os.path.exists(argument)):
+            hydra_args.append(argument)
+        else:
+            paths.append(argument)
+        previous = "" if is_value else argument
+    return hydra_args, paths
 
 
 # ----------------------------------------------------------------------------- commands
@@ -208,7 +290,7 @@ def _eval(cfg: DictConfig) -> None:
     from alexnet_lab.inference import eval_main
 
     with error_policy():
-        eval_main(load(cfg))
+        eval_main(load(cfg, config.EvalConfig))
 
 
 def eval_command() -> None:
@@ -224,13 +306,11 @@ def _predict(cfg: DictConfig) -> None:
     from alexnet_lab.inference import predict_main
 
     with error_policy():
-        predict_main(load(cfg), _PREDICT_PATHS)
+        predict_main(load(cfg, config.PredictConfig), _PREDICT_PATHS)
 
 
 def predict_command() -> None:
     """``python predict.py ckpt_path=RUN photo.jpg photos/ [out=preds.csv]``: paths need no ``key=``."""
-    from alexnet_lab.inference import split_path_arguments
-
     sys.argv[1:], _PREDICT_PATHS[:] = split_path_arguments(sys.argv[1:])  # Hydra only takes key=value arguments
     run_command(_predict)
 
@@ -242,7 +322,7 @@ def _preprocess(cfg: DictConfig) -> None:
 
     started = time.perf_counter()
     with error_policy():
-        datamodule = ImageFolderDataModule(load(cfg).data)
+        datamodule = ImageFolderDataModule(load(cfg, config.PreprocessConfig).data)
         datamodule.prepare_data()  # the very cache training would build or find
     assert datamodule.cache is not None
     print(format_report(datamodule.cache, seconds=time.perf_counter() - started))

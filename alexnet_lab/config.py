@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from alexnet_lab.errors import ConfigError, check_fields, setting
+from alexnet_lab.errors import ConfigError, check_fields, check_value, from_mapping, setting
 
 MISSING: Any = "???"  # OmegaConf's mark of a value the user must set (Any: it stands in for any type)
 
@@ -129,12 +130,13 @@ class DiscardRules:
     max_image_pixels: int = setting(89_478_485, ge=1)
 
     def __post_init__(self) -> None:
+        given: Any = self.known_digests  # a list; one digest as a plain string (from Python) is taken too
+        self.known_digests = [given] if isinstance(given, str) else given
         check_fields(self, "data.discard")
         if self.min_copies == 1:
             raise ConfigError("data.discard.min_copies=1: must be at least 2 (or 0 to keep repeated files)")
-        given: Any = self.known_digests  # a list; one digest as a plain string (from Python) is taken too
         checked = []
-        for digest in [given] if isinstance(given, str) else given:
+        for digest in self.known_digests:
             text = str(digest).strip().lower()
             if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
                 raise ConfigError(
@@ -233,6 +235,15 @@ class DivergenceConfig:
         check_fields(self, "divergence")
 
 
+#: Ranges of the Trainer arguments conf/trainer/default.yaml sets, where Lightning would take a
+#: value that breaks a run (its types come from pytorch_lightning.Trainer's own annotations).
+TRAINER_RULES = {
+    "max_epochs": dict(ge=1, hint="the notebook trained 50"),
+    "log_every_n_steps": dict(ge=1, hint="metrics are logged per epoch; this only paces step-level logging"),
+    "num_sanity_val_steps": dict(ge=-1, hint="-1 = the whole val split before training, 0 = none"),
+}
+
+
 @dataclass
 class LabConfig:
     """``python train.py``: the root of the config tree."""
@@ -248,9 +259,17 @@ class LabConfig:
     verdicts: VerdictThresholds = field(default_factory=VerdictThresholds)  # into metrics.json and the report
 
     def __post_init__(self) -> None:
-        epochs = self.trainer.get("max_epochs")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"trainer.max_epochs={epochs!r}: must be an integer >= 1 (the notebook trained 50)")
+        check_fields(self, "")
+        if isinstance(self.optim, Mapping):  # the optim group's choice, as plain data: its schema by name
+            name = self.optim.get("name")
+            schema = next((s for s in OPTIMIZERS.values() if s.name == name), None)
+            if schema is None:
+                known = ", ".join(s.name for s in OPTIMIZERS.values())
+                raise ConfigError(f"optim.name={name!r}: must be one of {known}; choose one with optim=adam, sgd, ...")
+            self.optim = from_mapping(schema, self.optim, "optim")
+        for key, rule in TRAINER_RULES.items():  # their types: train.check_trainer_args, from Lightning's own
+            if key in self.trainer:
+                check_value(f"trainer.{key}", self.trainer[key], int, rule)
 
 
 @dataclass

@@ -356,11 +356,10 @@ def run_data_config(model: TrainedModel, run_config: DictConfig | None = None) -
         )
     try:  # only the data block is read: the rest (run_name) needs Hydra's resolvers
         as_trained = {"image_size": model.image_size, "grayscale": model.grayscale}
-        data = OmegaConf.merge(OmegaConf.structured(DataConfig), source.data, as_trained)
+        data = OmegaConf.merge(source.data, as_trained)
     except OmegaConfBaseException as err:
         raise ConfigError(f"the data block of {model.checkpoint}'s run config does not fit: {one_line(err)}") from None
-    checked: DataConfig = load(data)
-    return checked
+    return load(data, DataConfig, "data")
 
 
 def evaluate_split(
@@ -605,44 +604,6 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 
 
 # ----------------------------------------------------------------------------- command lines
-
-#: Hydra's own options that take the next argument as their value.
-_HYDRA_VALUE_OPTIONS = frozenset(
-    {
-        "--cfg",
-        "-c",
-        "--package",
-        "-p",
-        "--config-path",
-        "-cp",
-        "--config-name",
-        "-cn",
-        "--config-dir",
-        "-cd",
-        "--experimental-rerun",
-    }
-)
-_HYDRA_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
-
-
-def split_path_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split a command line into Hydra's arguments and plain paths (no ``=``, not an option).
-
-    ``predict.py ckpt_path=run photos/*.jpg`` then works with the shell's glob; a path with
-    ``=`` in its name must be passed as ``inputs='[...]'`` instead.
-    """
-    hydra_args: list[str] = []
-    paths: list[str] = []
-    previous = ""
-    for argument in argv:
-        is_info_value = previous in ("--info", "-i") and argument in _HYDRA_INFO_VALUES
-        is_value = previous in _HYDRA_VALUE_OPTIONS or is_info_value
-        if is_value or argument.startswith("-") or "=" in argument:
-            hydra_args.append(argument)
-        else:
-            paths.append(argument)
-        previous = "" if is_value else argument
-    return hydra_args, paths
 
 
 def default_eval_path(model: TrainedModel, data_name: str) -> Path:

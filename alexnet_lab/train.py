@@ -7,12 +7,16 @@ multirun, all in one process: everything a job depends on (seeds, threads) is se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import time
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,9 @@ from alexnet_lab.callbacks import RunState, TensorBoardInspection, history_from_
 from alexnet_lab.cli import error_policy, load, write_json
 from alexnet_lab.config import LabConfig
 from alexnet_lab.data.datamodule import ImageFolderDataModule
+from alexnet_lab.errors import ConfigError, LabError, check_value
 from alexnet_lab.identity import finished_metrics
-from alexnet_lab.module import AlexNetClassifier
+from alexnet_lab.module import AlexNetClassifier, optimizer_class
 from alexnet_lab.verdicts import verdicts
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,42 @@ def reset_job_state(seed: int, parallel_jobs: int = 1) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // parallel_jobs) if parallel_jobs > 1 else _DEFAULT_THREADS)
     pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def check_trainer_args(trainer: Mapping[str, Any]) -> None:
+    """Each ``trainer.*`` value against the type ``pytorch_lightning.Trainer`` declares for that argument."""
+    declared = typing.get_type_hints(pl.Trainer.__init__)
+    for key, value in trainer.items():
+        if key not in declared:
+            raise ConfigError(f"trainer.{key} is not a pytorch_lightning.Trainer argument: check its spelling")
+        check_value(f"trainer.{key}", value, declared[key])
+
+
+@contextlib.contextmanager
+def built_from_config(group: str, values: Mapping[str, Any]) -> Iterator[None]:
+    """An exception while building something from config group ``group`` as one line naming the key it came from.
+
+    Lightning's and torch's own checks (``Trainer(devices=0)``, ``SGD(momentum=-3)``) become
+    ``error: trainer.devices=0: ...``; the traceback goes to the run's log, not the terminal.
+    """
+    try:
+        yield
+    except LabError:
+        raise
+    except Exception as err:
+        text = " ".join(str(err).split())[:300]
+        if group == "trainer" and values.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+            message = f"trainer.accelerator={values['accelerator']}: no GPU here; use trainer.accelerator=auto or cpu"
+            raise ConfigError(message) from err
+        named = re.search(r"unexpected keyword argument '(\w+)'", text)
+        # a key written as `key=...` in the message names it better than a key merely mentioned
+        found = [key for key in values if re.search(rf"\b{re.escape(key)}=", text)]
+        found += [key for key in values if re.search(rf"\b{re.escape(key)}\b", text)]
+        if "only has" in text and "devices" in values:  # "You requested gpu: [0, 1] But your machine only has: [0]"
+            found = ["devices"]
+        key = named.group(1) if named else found[0] if found else ""
+        where = f"{group}.{key}={values[key]!r}" if key in values else f"{group}.{key}" if key else group
+        raise ConfigError(f"{where}: {text}") from err
 
 
 def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping]:
@@ -113,8 +154,14 @@ def train(
         log.info("%s already finished (%s): skipped", run_dir, done["status"])
         return done
     started = time.perf_counter()
-    lab: LabConfig = load(cfg)  # every value checked before any data is touched
+    lab = load(cfg, LabConfig)  # every value checked before any data is touched
     reset_job_state(lab.seed, parallel_jobs)
+    with built_from_config("trainer", lab.trainer):  # the Trainer and what it is given, before any data work
+        check_trainer_args(lab.trainer)
+        trainer, best, guard = build_trainer(lab, run_dir)
+    with built_from_config("optim", dataclasses.asdict(lab.optim)):  # torch's own checks of its arguments
+        optim = dataclasses.asdict(lab.optim)
+        optimizer_class(optim.pop("name"))([torch.zeros(1, requires_grad=True)], **optim)
 
     datamodule = ImageFolderDataModule(lab.data, seed=lab.seed)
     datamodule.prepare_data()
@@ -125,7 +172,6 @@ def train(
         classes=datamodule.classes,
         in_channels=datamodule.in_channels,
     )
-    trainer, best, guard = build_trainer(lab, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if lab.resume and last.exists() else None
     log.info(

@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess lives next to this file
 
 from alexnet_lab.cli import keep_freed_host_memory, load
+from alexnet_lab.config import LabConfig
 from alexnet_lab.data.augment import to_float
 from alexnet_lab.data.datamodule import ImageFolderDataModule, augment_in_chunks, upload_split
 from alexnet_lab.data.preprocess import build_cache, scan_folder
@@ -615,7 +616,7 @@ def main() -> None:
         base += ["+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]
     cfg = compose([*base, *args.overrides])
     log("data: preparing the embedded data set (generated and preprocessed on first use) ...")
-    dm = ImageFolderDataModule(load(cfg).data, seed=cfg.seed)
+    dm = ImageFolderDataModule(load(cfg, LabConfig).data, seed=cfg.seed)
     dm.prepare_data()
     dm.setup("fit")
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")

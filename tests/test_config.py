@@ -29,7 +29,7 @@ def test_every_option_of_every_group_composes_and_checks_against_the_schema(grou
         overrides = [f"{group}={option}"]
         if option == "folder":
             overrides.append(f"data.raw_dir={tmp_path}")
-        lab = load(compose_config(*overrides))
+        lab = load(compose_config(*overrides), config.LabConfig)
         assert isinstance(lab, config.LabConfig), option
         assert isinstance(lab.model, config.ModelConfig) and isinstance(lab.data, config.DataConfig)
         assert isinstance(lab.optim, config.OptimConfig), option
@@ -41,7 +41,7 @@ def test_every_option_of_every_group_composes_and_checks_against_the_schema(grou
 
 def test_each_optimizer_option_is_its_schema():
     for name, schema in config.OPTIMIZERS.items():
-        optim = load(compose_config(f"optim={name}")).optim
+        optim = load(compose_config(f"optim={name}"), config.LabConfig).optim
         assert type(optim) is schema and optim == schema()  # the YAML preset adds nothing to the schema
 
 
@@ -56,7 +56,7 @@ def test_each_optimizer_option_is_its_schema():
 )
 def test_the_other_commands_compose_against_their_schema(name, overrides, schema):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        checked = load(compose(name, overrides=overrides))
+        checked = load(compose(name, overrides=overrides), schema)
     assert type(checked) is schema
 
 
@@ -70,7 +70,7 @@ def test_group_files_set_nothing_the_schema_already_says():
 
 
 def test_defaults_in_the_schema_are_what_the_composed_config_holds():
-    lab = load(compose_config())
+    lab = load(compose_config(), config.LabConfig)
     assert lab.model == config.ModelConfig()
     assert lab.data.augmentation == config.AugmentConfig()
     assert lab.data.discard == config.DiscardRules()

@@ -22,6 +22,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from alexnet_lab import inference
 from alexnet_lab.callbacks import keep_most_confident_wrong
+from alexnet_lab.cli import split_path_arguments
 from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.errors import CheckpointError, ConfigError, DataError
 from alexnet_lab.inference import (
@@ -32,7 +33,6 @@ from alexnet_lab.inference import (
     load_trained,
     predict,
     run_data_config,
-    split_path_arguments,
     write_predictions_csv,
 )
 from alexnet_lab.train import train

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from alexnet_lab.cli import load
+from alexnet_lab.config import LabConfig
 from alexnet_lab.data.augment import AugmentConfig, augment_batch
 from alexnet_lab.data.datamodule import (
     CPU_AUGMENT_CHUNK,
@@ -173,7 +174,7 @@ def test_eval_batches_are_larger_on_a_gpu_only_unless_set(make_raw, tmp_path):
 
 def test_config_passes_on_device_to_the_datamodule(tmp_path):
     assert compose_config().data.on_device == "auto"
-    dm = ImageFolderDataModule(load(compose_config(*tiny_overrides(tmp_path), "data.on_device=true")).data)
+    dm = ImageFolderDataModule(load(compose_config(*tiny_overrides(tmp_path), "data.on_device=true"), LabConfig).data)
     assert dm.data.on_device is True
 
 
