@@ -327,9 +327,9 @@ def _mean_std(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     table = np.where(np.isfinite(table), table, np.nan)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, as they should
-        counts = np.isfinite(table).sum(axis=0)
-        return np.nanmean(table, axis=0), np.where(counts > 1, np.nanstd(table, axis=0, ddof=1), np.nan)
+        # a column with no finite value has no mean, one with fewer than two no std (ddof=1): NaN, as it should
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(table, axis=0), np.nanstd(table, axis=0, ddof=1)
 
 
 # --------------------------------------------------------------------------- the report's content
