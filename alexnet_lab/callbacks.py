@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
@@ -291,34 +291,55 @@ def chart_layout(classes: list[str]) -> dict[str, dict[str, list[Any]]]:
 
 
 class SweepReport(Callback):
-    """Write report.md, report.csv, curves.png and report.html into the sweep dir.
+    """Write report.md, report.csv, curves.png and report.html into the sweep dir, after every job.
 
-    Normally once, in ``on_multirun_end``. Hydra 1.3 skips that hook when a job raised (its
-    sweeper re-raises the job's error after the last job), so once a job has failed the
-    report is rewritten after every later job instead; the last one leaves it complete.
+    So a long sweep shows its results as they come: until the last job the report says "in
+    progress (k of n jobs)". ``metric`` is what the effect of each step is measured on.
     """
 
-    def __init__(self, html: bool = True) -> None:
-        self.html = html
-        self._job_failed = False
+    def __init__(self, html: bool = True, metric: str = "test_balanced_acc") -> None:
+        self.html, self.metric = html, metric
+        self.jobs: int | None = None  # in the whole sweep, when the sweeper says
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.jobs = _sweep_size(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status == JobStatus.FAILED:
-            self._job_failed = True
-        if self._job_failed and _is_multirun(config):
-            self._write(Path(config.hydra.sweep.dir))
+        if _is_multirun(config):
+            sweep_dir = Path(config.hydra.sweep.dir)
+            done = sum((path / "metrics.json").is_file() for path in sweep_dir.iterdir() if path.is_dir())
+            total = max(self.jobs or done, done)
+            self._write(sweep_dir, progress=(done, total) if done < total else None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._write(Path(config.hydra.sweep.dir))
+        self._write(Path(config.hydra.sweep.dir), progress=None)
 
-    def _write(self, sweep_dir: Path) -> None:
+    def _write(self, sweep_dir: Path, progress: tuple[int, int] | None) -> None:
         try:
             from alexnet_lab.report import write_report
 
-            written = write_report(sweep_dir, html_report=self.html)
+            written = write_report(sweep_dir, html_report=self.html, metric=self.metric, progress=progress)
             log.info("sweep report: %s", written["report.md"])
         except Exception as err:  # noqa: BLE001  (a report problem must never fail the sweep)
             log.warning("sweep report not written for %s: %s: %s", sweep_dir, type(err).__name__, err)
+
+
+def _sweep_size(config: DictConfig) -> int | None:
+    """How many jobs the sweep will run: Hydra's basic sweeper's own expansion of the overrides, or n_trials."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if "n_trials" in sweeper:  # a search (Optuna)
+        return int(sweeper.n_trials)
+    try:
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+        overrides = parser.parse_overrides([*arguments, *config.hydra.overrides.task])
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    except Exception:  # another sweeper, or overrides it expands its own way: "k jobs so far"
+        return None
 
 
 def _is_multirun(config: DictConfig) -> bool:

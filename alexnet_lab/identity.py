@@ -118,13 +118,18 @@ def format_value(value: Any) -> str:
 
 
 def config_diff(previous: Comparable | None, run: Comparable, *, ignore: Sequence[str] = ()) -> str:
-    """What differs in ``run``'s config from ``previous``'s, as overrides: ``data.balance=true, optim=sgd``.
+    """What differs in ``run``'s config from ``previous``'s, as overrides: ``data.balance=true, optim=sgd``."""
+    return ", ".join(differences(previous, run, ignore=ignore))
+
+
+def differences(previous: Comparable | None, run: Comparable, *, ignore: Sequence[str] = ()) -> list[str]:
+    """What differs in ``run``'s config from ``previous``'s, one override each: ``["data.balance=true", ...]``.
 
     A changed config group shows as ``group=choice``; the keys that come with it (present on
     one side only, or the group's ``name``) are implied by it and left out.
     """
     if previous is None or not previous.config or not run.config:
-        return ""  # the first run, or a run whose .hydra/config.yaml is missing: nothing to compare
+        return []  # the first run, or a run whose .hydra/config.yaml is missing: nothing to compare
     changed_groups = [
         group
         for group in sorted(set(previous.choices) | set(run.choices))
@@ -142,7 +147,7 @@ def config_diff(previous: Comparable | None, run: Comparable, *, ignore: Sequenc
         if in_changed_group and (old is missing or new is missing or key.rsplit(".", 1)[-1] == "name"):
             continue
         parts.append(f"~{key}" if new is missing else f"{key}={format_value(new)}")
-    return ", ".join(parts)
+    return parts
 
 
 def experiment_key(run: Comparable) -> tuple[Any, ...]:

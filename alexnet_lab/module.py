@@ -80,6 +80,9 @@ class AlexNetClassifier(pl.LightningModule):
         self.mean_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="disable") for stage in ("fit", "val", "test")})
         self.history: list[dict[str, float]] = []  # one row per epoch: train/* and val/* values
         self.test_metrics: dict[str, float] = {}
+        # the last test's true and predicted class per image, in the test split's order: paired comparisons
+        self.test_predictions: tuple[list[int], list[int]] = ([], [])
+        self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # a plain attribute, not a buffer, so checkpoints do not carry it
         self.last_confusion: dict[str, torch.Tensor] = {}  # stage -> (K, K) of its last epoch
         self._val_row: dict[str, float] = {}
@@ -115,7 +118,9 @@ class AlexNetClassifier(pl.LightningModule):
         return self._step(batch, "val")[1]
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")[1]
+        logits = self._step(batch, "test")[1]
+        self._test_batches.append((batch[1].detach(), logits.detach().argmax(dim=1)))  # on the device: no sync
+        return logits
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Class probabilities (B, num_classes) of a batch of images (or of (images, ...) tuples)."""
@@ -152,8 +157,14 @@ class AlexNetClassifier(pl.LightningModule):
         self._val_row = {}
         self.history.append(row)
 
+    def on_test_epoch_start(self) -> None:
+        self._test_batches = []
+
     def on_test_epoch_end(self) -> None:
         self.test_metrics = self._epoch_metrics("test", "test")
+        if self._test_batches:
+            true, pred = (torch.cat(part).tolist() for part in zip(*self._test_batches, strict=True))
+            self.test_predictions = (true, pred)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store how images were preprocessed (plain data, loadable with ``weights_only=True``)."""

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from alexnet_lab import effects as effects_module
+from alexnet_lab import stats
 from alexnet_lab.config import VerdictThresholds
 from alexnet_lab.errors import LabError, from_mapping, one_line
 from alexnet_lab.identity import (
@@ -43,7 +45,7 @@ from alexnet_lab.identity import (
     strip_common,
     without_seed,
 )
-from alexnet_lab.verdicts import VERDICTS, describe_verdicts, verdicts
+from alexnet_lab.verdicts import VERDICTS, describe_verdicts, phases, verdicts
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -86,13 +88,25 @@ METRICS = {
     "epochs": "epochs",
     "wall_s": "wall s",
 }
-#: The run table's {key: header}; the CSV uses the keys (then ``error`` and ``dir``), report.md the headers.
+#: The metrics with a 95 % interval: a run's from its test images (metrics.json), an experiment's over seeds.
+WITH_INTERVAL = ("test_acc", "test_balanced_acc")
+#: The run table's {key: header}; the CSV uses the keys (then the intervals, phases, ``error`` and ``dir``).
 RUN_COLUMNS = {
     "run": "run",
     "differs": "what differs from the previous run",
     **METRICS,
+    "learning": "learning phases",
     "verdicts": "verdicts",
     "status": "status",
+}
+#: The effects table's {key of effects.Effect: header}.
+EFFECT_COLUMNS = {
+    "experiment": "experiment",
+    "baseline": "compared with",
+    "differs": "what differs",
+    "difference": "difference [95 % interval]",
+    "verdict": "verdict",
+    "method": "how",
 }
 #: The per-experiment table's {key in :func:`experiment_rows`: header}; each metric shows mean ± std.
 EXPERIMENT_COLUMNS = {
@@ -124,6 +138,7 @@ class Run:
     choices: dict[str, str] = field(default_factory=dict)  # config group choices: {"optim": "adam", ...}
     thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)  # the run's own ``verdicts`` block
     verdicts: list[str] = field(default_factory=list)
+    phases: dict[str, Any] = field(default_factory=dict)  # verdicts.phases: collapsed epochs, left chance, best
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -224,6 +239,7 @@ def load_run(path: str | Path) -> Run:
         run.verdicts = verdicts(run.history, thresholds)
     if run.status == "diverged" and "diverged" not in run.verdicts:  # stopped by train.py's guard
         run.verdicts = [name for name in VERDICTS if name in run.verdicts or name == "diverged"]
+    run.phases = phases(run.history, thresholds)
     return run
 
 
@@ -254,21 +270,57 @@ def _number(metrics: Mapping[str, Any], key: str) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _spans(epochs: Sequence[int]) -> list[tuple[int, int]]:
+    """``[0, 1, 2, 5]`` -> ``[(0, 2), (5, 5)]``: runs of consecutive epochs, first and last."""
+    spans: list[tuple[int, int]] = []
+    for epoch in epochs:
+        if spans and epoch == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], epoch)
+        else:
+            spans.append((epoch, epoch))
+    return spans
+
+
+def _epochs(epochs: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    return ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in _spans(epochs))
+
+
+def learning_text(run_phases: Mapping[str, Any]) -> str:
+    """A run's learning phases in a few words: ``one class 0-3; left chance 4; best 12``."""
+    if run_phases.get("best_epoch") is None:
+        return ""
+    left = run_phases["left_chance_epoch"]
+    parts = [f"one class {_epochs(run_phases['collapsed_epochs'])}"] if run_phases["collapsed_epochs"] else []
+    parts.append("never left chance" if left is None else f"left chance {left}")
+    return "; ".join([*parts, f"best {run_phases['best_epoch']}"])
+
+
+def _interval(metrics: Mapping[str, Any], key: str) -> tuple[float, float]:
+    ends = metrics.get(f"{key}_ci")
+    return (float(ends[0]), float(ends[1])) if isinstance(ends, list) and len(ends) == 2 else (math.nan, math.nan)
+
+
 def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per run (keys: those of :data:`RUN_COLUMNS`, ``error``, ``dir``), in the order given."""
+    """One row per run (keys: those of :data:`RUN_COLUMNS`, the intervals, phases, ``error``, ``dir``), in order."""
     labels = strip_common([run.label for run in runs])
-    return [
-        {
+    rows = []
+    for index, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        row = {
             "run": label,
             "differs": config_diff(runs[index - 1] if index else None, run),
             **{key: _number(run.metrics, key) for key in METRICS},
+            "learning": learning_text(run.phases),
             "verdicts": ", ".join(run.verdicts),
             "status": run.status,
             "error": run.error,
             "dir": run.path.name,
         }
-        for index, (run, label) in enumerate(zip(runs, labels, strict=True))
-    ]
+        for key in WITH_INTERVAL:
+            row[f"{key}_low"], row[f"{key}_high"] = _interval(run.metrics, key)
+        row.update({key: run.phases.get(key) for key in ("collapsed_epochs", "left_chance_epoch", "best_epoch")})
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -311,6 +363,9 @@ def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
         means, stds = _mean_std(table.reshape(-1, len(METRICS)))
         for key, mean, std in zip(METRICS, means, stds, strict=True):
             row[f"{key}_mean"], row[f"{key}_std"] = float(mean), float(std)
+        for key in WITH_INTERVAL:  # the mean over seeds with its t interval
+            interval = stats.mean_interval([_number(run.metrics, key) for run in finished])
+            row[f"{key}_low"], row[f"{key}_high"] = interval.low, interval.high
         counts = {name: sum(name in run.verdicts for run in finished) for name in VERDICTS}
         row["verdicts"] = ", ".join(
             f"{name} {count}/{len(finished)}" if len(finished) > 1 else name for name, count in counts.items() if count
@@ -344,6 +399,9 @@ class Report:
     rows: list[dict[str, Any]]  # run_rows(runs)
     experiments: list[Experiment]  # group_runs(runs)
     experiment_rows: list[dict[str, Any]]
+    effects: list[effects_module.Effect]  # every experiment against the one it builds on
+    summary: list[str]  # the first screen: which steps mattered, in a few sentences
+    progress: tuple[int, int] | None = None  # (jobs done, jobs in the sweep) while a sweep runs; None: complete
 
     @property
     def rules(self) -> dict[str, str]:
@@ -351,31 +409,57 @@ class Report:
         return describe_verdicts(self.runs[0].thresholds if self.runs else None)
 
     @property
+    def status_line(self) -> str:
+        done = f"{len(self.runs)} runs, {sum(run.finished for run in self.runs)} finished."
+        if self.progress is None:
+            return done
+        return f"**In progress ({self.progress[0]} of {self.progress[1]} jobs)**: rewritten as jobs end. {done}"
+
+    @property
     def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
         """(heading, headers, cells) of each table of report.md and report.html.
 
-        Every run; then, when some experiment has several seeds, every experiment with mean ± std.
+        Every run; when some experiment has several seeds, every experiment with mean ± std and
+        the 95 % interval of the mean; the effect of each step.
         """
-        tables = [("", RUN_COLUMNS, self.rows)]
+        tables: list[tuple[str, dict[str, str], list[dict[str, Any]]]] = [("Runs", RUN_COLUMNS, self.rows)]
         if any(len(experiment.runs) > 1 for experiment in self.experiments):
-            heading = "Per experiment: mean ± standard deviation over seeds"
+            heading = "Per experiment: mean ± standard deviation [95 % interval of the mean] over seeds"
             tables.append((heading, EXPERIMENT_COLUMNS, self.experiment_rows))
+        if self.effects:
+            rows = [{**vars(effect), "difference": _signed(effect.difference)} for effect in self.effects]
+            tables.append((f"Effect of each step on {self.effects[0].metric}", EFFECT_COLUMNS, rows))
         return [
             (heading, list(columns.values()), [[_cell(row, key) for key in columns] for row in rows])
             for heading, columns, rows in tables
         ]
 
 
-def build_report(source: str | Path | Sequence[Run] | Report, title: str = "") -> Report:
+def build_report(
+    source: str | Path | Sequence[Run] | Report,
+    title: str = "",
+    *,
+    metric: str = effects_module.DEFAULT_METRIC,
+    progress: tuple[int, int] | None = None,
+) -> Report:
     """The report on ``source``: a run dir, a sweep dir, a metrics.json, or runs from :func:`load_runs`."""
     if isinstance(source, Report):
         return source
     runs = load_runs(source) if isinstance(source, (str, Path)) else list(source)
     experiments = group_runs(runs)
-    return Report(title, runs, run_rows(runs), experiments, experiment_rows(experiments))
+    found = effects_module.effects(experiments, metric)
+    summary = effects_module.summary(experiments, found)
+    rows = experiment_rows(experiments)
+    return Report(title, runs, run_rows(runs), experiments, rows, found, summary, progress)
 
 
 # --------------------------------------------------------------------------- tables as text
+
+
+def _signed(interval: stats.Interval) -> str:
+    if not math.isfinite(interval.low):
+        return f"{interval.value:+.3f}" if math.isfinite(interval.value) else "—"
+    return f"{interval.value:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
 
 
 def _text(value: Any, key: str) -> str:
@@ -388,14 +472,17 @@ def _text(value: Any, key: str) -> str:
 
 def _cell(row: Mapping[str, Any], key: str) -> str:
     """A table cell of report.md and report.html: three decimals (epochs and seconds whole), a dash for nothing."""
-    if key == "status" and row["error"]:
+    if key == "status" and row.get("error"):
         return f"{row['status']}: {row['error']}"
     if key == "runs" and row["finished"] != row["runs"]:
         return f"{row['finished']} of {row['runs']} finished"
+    interval = ""
+    if math.isfinite(row.get(f"{key}_low", math.nan)):  # a metric with its 95 % interval
+        interval = f" [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]"
     if f"{key}_mean" in row:  # an experiment's metric: mean ± std over its finished runs
         mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-        return _text(mean, key) + (f" ± {_text(std, key)}" if math.isfinite(std) else "")
-    return _text(row[key], key)
+        return _text(mean, key) + (f" ± {_text(std, key)}" if math.isfinite(std) else "") + interval
+    return _text(row[key], key) + interval
 
 
 def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -404,22 +491,34 @@ def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     return "\n".join(lines)
 
 
+PHASES_RULE = (
+    "Learning phases (epochs from 0): `one class`, epochs whose val predictions went (almost) all to one "
+    "class; `left chance`, the first epoch from which val balanced accuracy stayed above chance to the end; "
+    "`best`, the epoch of the best val accuracy. Intervals are 95 %: a run's test accuracy by Wilson's "
+    "formula, its balanced accuracy by a bootstrap over the test images."
+)
+
+
 def report_markdown(report: Report) -> str:
-    """report.md: the run table, the per-experiment table when there are seeds, the curves, the verdict rules."""
-    parts = [f"# Sweep report: {report.title}" if report.title else "# Sweep report", ""]
-    parts += [f"{len(report.runs)} runs, {sum(run.finished for run in report.runs)} finished.", ""]
+    """report.md: the answer first (summary), then the tables, the curves, and the rules behind the words."""
+    parts = [f"# Sweep report: {report.title}" if report.title else "# Sweep report", "", report.status_line, ""]
+    parts += [f"- {sentence}" for sentence in report.summary] + [""]
     for heading, headers, cells in report.tables:
-        parts += ([f"## {heading}", ""] if heading else []) + [_markdown_table(headers, cells), ""]
-    parts += ["![loss and accuracy per epoch](curves.png)", "", "Interactive curves: report.html.", ""]
-    parts += ["## Verdicts", ""]
-    parts += [f"- `{name}`: {text}" for name, text in report.rules.items()]
+        parts += [f"## {heading}", "", _markdown_table(headers, cells), ""]
+    parts += ["![one panel per experiment: accuracy and loss per epoch](curves.png)", ""]
+    parts += ["Interactive curves: report.html.", "", "## Verdicts", ""]
+    parts += [f"- `{name}`: {text}" for name, text in report.rules.items()] + ["", PHASES_RULE]
     return "\n".join(parts) + "\n"
 
 
 def report_csv(report: Report) -> str:
     """report.csv: one row per run, full precision, empty cells for missing numbers."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*RUN_COLUMNS, "error", "dir"], lineterminator="\n")
+    intervals = [f"{key}_{end}" for key in WITH_INTERVAL for end in ("low", "high")]
+    phase_keys = ["collapsed_epochs", "left_chance_epoch", "best_epoch"]
+    writer = csv.DictWriter(
+        buffer, fieldnames=[*RUN_COLUMNS, *intervals, *phase_keys, "error", "dir"], lineterminator="\n"
+    )
     writer.writeheader()
     for row in report.rows:
         writer.writerow({key: _csv_value(key, value) for key, value in row.items()})
@@ -427,6 +526,8 @@ def report_csv(report: Report) -> str:
 
 
 def _csv_value(key: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
     if not isinstance(value, float):
         return value
     if not math.isfinite(value):
@@ -441,10 +542,10 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def report_html(report: Report, figure: go.Figure) -> str:
-    """report.html: the tables and the interactive ``figure``, plotly.js embedded so it opens offline."""
+    """report.html: the summary, the tables and the interactive ``figure``, plotly.js embedded so it opens offline."""
+    summary = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in report.summary)
     tables = "".join(
-        (f"<h2>{html.escape(heading)}</h2>" if heading else "") + _html_table(headers, cells)
-        for heading, headers, cells in report.tables
+        f"<h2>{html.escape(heading)}</h2>" + _html_table(headers, cells) for heading, headers, cells in report.tables
     )
     plot = figure.to_html(full_html=False, include_plotlyjs=True)
     rules = "".join(f"<li><code>{name}</code>: {html.escape(text)}</li>" for name, text in report.rules.items())
@@ -453,36 +554,60 @@ def report_html(report: Report, figure: go.Figure) -> str:
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
     )
     title = html.escape(report.title)
+    status = html.escape(report.status_line.replace("**", ""))
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
-        f"<style>{style}</style></head><body><h1>Sweep report: {title}</h1>"
-        f"{tables}{plot}<h2>Verdicts</h2><ul>{rules}</ul></body></html>\n"
+        f"<style>{style}</style></head><body><h1>Sweep report: {title}</h1><p>{status}</p><ul>{summary}</ul>"
+        f"{tables}{plot}<h2>Verdicts</h2><ul>{rules}</ul><p>{html.escape(PHASES_RULE)}</p></body></html>\n"
     )
 
 
-# --------------------------------------------------------------------------- figures
+# --------------------------------------------------------------------------- figures: one panel per experiment
 
-#: The two panels: (history key suffix, title). Loss is drawn on a log scale.
-PANELS = (("loss", "loss (log scale)"), ("acc", "accuracy"))
-#: How a split is drawn: (split, plotly dash, line width); :data:`LINESTYLES` says it to matplotlib.
-SPLITS = (("train", "dash", 1.5), ("val", "solid", 2.0))
+#: What a panel draws: (quantity, colour, on the secondary (log-scale) axis); train dashed, val solid.
+QUANTITIES = (("acc", "#1f77b4", False), ("loss", "#ff7f0e", True))
+SPLITS = (("train", "dash", 1.2), ("val", "solid", 2.0))  # (split, plotly dash, line width)
 LINESTYLES: dict[str, Literal["--", "-"]] = {"dash": "--", "solid": "-"}
+COLUMNS = 3  # panels side by side
 
 
 def experiment_curve(experiment: Experiment, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per epoch, ``key``'s mean and std over the experiment's runs; runs of different length pad with NaN.
 
-    Returns (epochs, mean, std), each (E,): epochs 1-based, std NaN where fewer than two runs.
+    Returns (epochs, mean, std), each (E,): epochs from 0, std NaN where fewer than two runs.
     """
     series = [[float(row.get(key, math.nan)) for row in run.history] for run in experiment.runs if run.history]
     length = max((len(s) for s in series), default=0)
     table = np.full((len(series), length), np.nan)  # (runs, epochs)
     for i, values in enumerate(series):
         table[i, : len(values)] = values
-    return np.arange(1, length + 1), *_mean_std(table)
+    return np.arange(length), *_mean_std(table)
 
 
-def _legend_label(experiment: Experiment) -> str:
+@dataclass
+class Panel:
+    """What one experiment's panel shows, computed once for both figures."""
+
+    title: str
+    epochs: np.ndarray  # (E,) from 0
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]  # "val/acc" -> (mean, std over seeds), each (E,)
+    phases: dict[str, Any]  # verdicts.phases of the mean curves
+
+
+def panels(report: Report) -> list[Panel]:
+    found = []
+    for experiment in report.experiments:
+        keys = sorted({key for run in experiment.runs for row in run.history for key in row if "/" in key})
+        full = {key: experiment_curve(experiment, key) for key in keys}
+        epochs = next(iter(full.values()))[0] if full else np.arange(0)
+        curves = {key: (mean, std) for key, (_, mean, std) in full.items()}
+        mean_rows = [{"epoch": e, **{key: float(curves[key][0][e]) for key in keys}} for e in range(len(epochs))]
+        found.append(Panel(_title(experiment), epochs, curves, phases(mean_rows, experiment.runs[0].thresholds)))
+    return found
+
+
+def _title(experiment: Experiment) -> str:
+    """A panel's title: the experiment, its number of seeds, and the verdicts most of its runs share."""
     finished = experiment.finished
     if not finished:
         return f"{experiment.label} ({experiment.runs[0].status})"
@@ -492,98 +617,135 @@ def _legend_label(experiment: Experiment) -> str:
 
 
 def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figure:
-    """Interactive loss and accuracy per epoch, train dashed and val solid, one colour per experiment.
+    """One panel per experiment: accuracy (left axis) and loss (right, log), train dashed and val solid.
 
     ``source`` is a run dir, a sweep dir, a metrics.json, runs from :func:`load_runs`, or a
     :class:`Report`. Seeds of one experiment draw as their mean with a band of one standard
-    deviation. In a notebook: ``plotly.offline.iplot(plot_training_stats(path))`` or just the figure.
-    This figure is the one description of the curves: :func:`plot_curves_png` draws it again.
+    deviation; grey spans mark epochs that predicted one class, a green line the epoch the run
+    left chance for good, a star its best val accuracy. In a notebook:
+    ``plotly.offline.iplot(plot_training_stats(path))`` or just the figure.
     """
     from plotly.subplots import make_subplots
 
-    report = build_report(source)
-    figure = make_subplots(rows=1, cols=2, subplot_titles=[title for _, title in PANELS], horizontal_spacing=0.08)
-    lowest = [0.45]  # the accuracy axis starts just under a coin toss, or under the lowest accuracy drawn
-    for index, experiment in enumerate(report.experiments):
-        color, label = PALETTE[index % len(PALETTE)], _legend_label(experiment)
-        for col, (suffix, _) in enumerate(PANELS, start=1):
+    found = panels(build_report(source))
+    rows = max(1, math.ceil(len(found) / COLUMNS))
+    cols = min(COLUMNS, max(1, len(found)))
+    figure = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[panel.title for panel in found],
+        specs=[[{"secondary_y": True}] * cols] * rows,
+    )
+    for index, panel in enumerate(found):
+        where = {"row": index // cols + 1, "col": index % cols + 1}
+        for quantity, color, secondary in QUANTITIES:
             for split, dash, width in SPLITS:
-                epochs, mean, std = experiment_curve(experiment, f"{split}/{suffix}")
-                known = np.isfinite(std)
-                if known.any():  # the band of one standard deviation over seeds
-                    x, upper, lower = epochs[known], (mean + std)[known], (mean - std)[known]
+                mean, std = panel.curves.get(f"{split}/{quantity}", (np.full(len(panel.epochs), np.nan),) * 2)
+                if np.isfinite(std).any():  # the band of one standard deviation over seeds
+                    x, known = panel.epochs[np.isfinite(std)], np.isfinite(std)
+                    band = np.concatenate([(mean + std)[known], (mean - std)[known][::-1]])
                     figure.add_scatter(
                         x=np.concatenate([x, x[::-1]]),
-                        y=np.concatenate([upper, lower[::-1]]),
+                        y=band,
                         fill="toself",
                         fillcolor=color,
-                        opacity=0.12,
+                        opacity=0.15,
                         line={"width": 0},
                         hoverinfo="skip",
-                        legendgroup=experiment.label,
                         showlegend=False,
-                        row=1,
-                        col=col,
+                        secondary_y=secondary,
+                        **where,
                     )
                 figure.add_scatter(
-                    x=epochs,
+                    x=panel.epochs,
                     y=mean,
-                    mode="lines" if len(epochs) > 1 else "markers",  # a one-epoch run is a point
-                    name=label,
-                    legendgroup=experiment.label,
-                    showlegend=col == 1 and split == "val",
+                    name=f"{split} {quantity}",
+                    legendgroup=f"{split} {quantity}",
+                    mode="lines" if len(panel.epochs) > 1 else "markers",  # one epoch is a point
                     line={"color": color, "dash": dash, "width": width},
-                    hovertemplate=f"{html.escape(experiment.label)} {split} {suffix}: %{{y:.3f}}, epoch %{{x}}"
-                    "<extra></extra>",
-                    row=1,
-                    col=col,
+                    showlegend=index == 0,
+                    secondary_y=secondary,
+                    **where,
                 )
-                if suffix == "acc" and np.isfinite(mean).any():
-                    lowest.append(float(np.nanmin(mean)))
+        _mark_phases(figure, panel, where)
+    figure.update_yaxes(range=[0.0, 1.02], secondary_y=False, title_text="accuracy")
+    figure.update_yaxes(type="log", secondary_y=True, title_text="loss")
     figure.update_xaxes(title_text="epoch")
-    figure.update_yaxes(type="log", row=1, col=1)
-    figure.update_yaxes(range=[max(0.0, math.floor(min(lowest) * 10 - 0.5) / 10), 1.02], row=1, col=2)
     figure.update_layout(
-        title="train dashed, val solid; click a legend entry to hide a run",
+        title="train dashed, val solid; grey: one class predicted; green: left chance; star: best val accuracy",
         template="plotly_white",
-        height=560,
-        legend={"orientation": "h", "yanchor": "top", "y": -0.15, "x": 0},
-        margin={"t": 70, "b": 40},
+        height=280 * rows + 140,
+        legend={"orientation": "h", "yanchor": "top", "y": -0.6 / rows, "x": 0},
+        margin={"t": 90, "b": 40},
     )
     return figure
 
 
-def plot_curves_png(figure: go.Figure, path: str | Path, dpi: int = 100) -> Path:
-    """curves.png: :func:`plot_training_stats`'s ``figure`` drawn by matplotlib, legend below, without a display."""
+def _mark_phases(figure: go.Figure, panel: Panel, where: dict[str, int]) -> None:
+    for first, last in _spans(panel.phases["collapsed_epochs"]):
+        figure.add_vrect(x0=first - 0.5, x1=last + 0.5, fillcolor="grey", opacity=0.15, line_width=0, **where)
+    if panel.phases["left_chance_epoch"] is not None:
+        figure.add_vline(x=panel.phases["left_chance_epoch"], line={"color": "green", "dash": "dot"}, **where)
+    best = panel.phases["best_epoch"]
+    if best is not None:
+        value = panel.curves["val/acc"][0][best]
+        figure.add_scatter(
+            x=[best],
+            y=[value],
+            mode="markers",
+            marker={"symbol": "star", "size": 11, "color": "green"},
+            showlegend=False,
+            hovertemplate="best val acc %{y:.3f}, epoch %{x}<extra></extra>",
+            **where,
+        )
+
+
+def plot_curves_png(report: Report, path: str | Path, dpi: int = 90) -> Path:
+    """curves.png: the panels of :func:`plot_training_stats`, drawn by matplotlib without a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    png = Figure(layout="constrained")
+    found = panels(report)
+    rows, cols = max(1, math.ceil(len(found) / COLUMNS)), min(COLUMNS, max(1, len(found)))
+    png = Figure(figsize=(5.2 * cols, 3.0 * rows + 0.6), layout="constrained")
     FigureCanvasAgg(png)  # Agg, whatever backend pyplot uses: writing a PNG needs no display
-    axes = dict(zip(("x", "x2"), png.subplots(1, 2), strict=True))  # plotly's name of each panel's x axis
-    handles = []
-    for trace in figure.data:
-        if trace.fill == "toself":  # a band: a polygon around the mean
-            axes[trace.xaxis].fill(trace.x, trace.y, color=trace.fillcolor, alpha=trace.opacity, linewidth=0)
-            continue
-        style = {"color": trace.line.color, "linestyle": LINESTYLES[trace.line.dash], "linewidth": trace.line.width}
-        axes[trace.xaxis].plot(trace.x, trace.y, marker="o" if trace.mode == "markers" else None, **style)
-        if trace.showlegend:
-            handles.append(Line2D([], [], label=trace.name, **style))
-    for split, dash, width in SPLITS:
-        handles.append(Line2D([], [], color="black", linestyle=LINESTYLES[dash], linewidth=width, label=split))
-    for ax, (_, title) in zip(axes.values(), PANELS, strict=True):
-        ax.set(xlabel="epoch", title=title)
-        ax.grid(alpha=0.3)
+    grid = png.subplots(rows, cols, squeeze=False)
+    for ax in grid.flat[len(found) :]:
+        ax.set_visible(False)
+    for ax, panel in zip(grid.flat, found, strict=False):  # the grid may have more places than panels
+        loss_ax = ax.twinx()
+        for quantity, color, secondary in QUANTITIES:
+            target = loss_ax if secondary else ax
+            for split, dash, width in SPLITS:
+                mean, std = panel.curves.get(f"{split}/{quantity}", (np.full(len(panel.epochs), np.nan),) * 2)
+                marker = "o" if len(panel.epochs) == 1 else None
+                target.plot(panel.epochs, mean, LINESTYLES[dash], color=color, linewidth=width, marker=marker)
+                target.fill_between(panel.epochs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        for first, last in _spans(panel.phases["collapsed_epochs"]):
+            ax.axvspan(first - 0.5, last + 0.5, color="grey", alpha=0.15, linewidth=0)
+        if panel.phases["left_chance_epoch"] is not None:
+            ax.axvline(panel.phases["left_chance_epoch"], color="green", linestyle=":", linewidth=1)
+        if panel.phases["best_epoch"] is not None:
+            best = panel.phases["best_epoch"]
+            ax.plot([best], [panel.curves["val/acc"][0][best]], "*", color="green", markersize=10)
+        ax.set(ylim=(0.0, 1.02), xlabel="epoch", title=panel.title)
+        ax.set_title(panel.title, fontsize=9)
+        losses = np.concatenate(
+            [np.zeros(0), *(mean for key, (mean, _) in panel.curves.items() if key.endswith("loss"))]
+        )
+        losses = losses[np.isfinite(losses) & (losses > 0)]
+        if losses.size and losses.max() > 10 * losses.min():  # log only where the loss spans orders of magnitude
+            loss_ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-    axes["x"].set(yscale=figure.layout.yaxis.type)
-    axes["x2"].set(ylim=figure.layout.yaxis2.range)
-    axes["x2"].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")  # a coin toss on two classes
-    legend_columns = 3
-    png.set_size_inches(12, 4.2 + 0.28 * math.ceil(len(handles) / legend_columns))
-    png.legend(handles=handles, loc="outside lower center", ncols=legend_columns, fontsize=9, frameon=False)
+        ax.grid(alpha=0.3)
+    handles = [
+        Line2D([], [], color=color, linestyle=LINESTYLES[dash], linewidth=width, label=f"{split} {quantity}")
+        for quantity, color, _ in QUANTITIES
+        for split, dash, width in SPLITS
+    ]
+    png.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=9, frameon=False)
     return _replace(Path(path), lambda tmp: png.savefig(tmp, dpi=dpi, format="png"))
 
 
@@ -602,22 +764,29 @@ def _write_text(path: Path, text: str) -> Path:
     return _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_report(path: str | Path, *, html_report: bool = True) -> dict[str, Path]:
+def write_report(
+    path: str | Path,
+    *,
+    html_report: bool = True,
+    metric: str = effects_module.DEFAULT_METRIC,
+    progress: tuple[int, int] | None = None,
+) -> dict[str, Path]:
     """Write report.md, report.csv, curves.png (and report.html) into ``path``, a run or sweep dir.
 
-    Returns the written files by name. Runs that failed or have no metrics.json appear with
-    that status. Raises :class:`ReportError` if ``path`` holds no runs.
+    ``metric``: what the effect of each step is measured on (a metrics.json number); ``progress``:
+    (jobs done, jobs in all) while a sweep is still running. Returns the written files by name.
+    Runs that failed or have no metrics.json appear with that status. Raises
+    :class:`ReportError` if ``path`` holds no runs.
     """
     out = Path(path)
     if out.is_file():
         out = out.parent
-    report = build_report(load_runs(out), out.name)  # tables and curves once, for every file below
-    figure = plot_training_stats(report)
+    report = build_report(load_runs(out), out.name, metric=metric, progress=progress)  # computed once for all
     written = {
         "report.md": _write_text(out / "report.md", report_markdown(report)),
         "report.csv": _write_text(out / "report.csv", report_csv(report)),
-        "curves.png": plot_curves_png(figure, out / "curves.png"),
+        "curves.png": plot_curves_png(report, out / "curves.png"),
     }
     if html_report:
-        written["report.html"] = _write_text(out / "report.html", report_html(report, figure))
+        written["report.html"] = _write_text(out / "report.html", report_html(report, plot_training_stats(report)))
     return written

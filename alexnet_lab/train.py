@@ -36,7 +36,8 @@ from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.errors import ConfigError, LabError, check_value
 from alexnet_lab.identity import finished_metrics
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
-from alexnet_lab.verdicts import verdicts
+from alexnet_lab.stats import balanced_accuracy, bootstrap, wilson
+from alexnet_lab.verdicts import phases, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,22 @@ def run_metrics(
         "per_class_recall": {c: test.get(f"test/recall/{c}", math.nan) for c in classes},
         "test_pred_frac": {c: test.get(f"test/pred_frac/{c}", math.nan) for c in classes},
         "verdicts": verdicts(history, lab.verdicts),  # collapsed / chance / overfit / diverged
+        "phases": phases(history, lab.verdicts),  # collapsed epochs, the epoch it left chance, the best epoch
         "history": history,
     }
+    true, pred = module.test_predictions
+    if true:  # the test set is a sample: 95 % intervals (Wilson; a bootstrap over the test images)
+        correct = sum(t == p for t, p in zip(true, pred, strict=True))
+        metrics["test_acc_ci"] = wilson(correct, len(true)).as_list()
+        metrics["test_balanced_acc_ci"] = bootstrap(balanced_accuracy, true, pred).as_list()
+        # which images, in which order: two runs' predictions pair up only on the same test set
+        cache = getattr(getattr(trainer, "datamodule", None), "cache", None)
+        metrics["test_set"] = {
+            "data": getattr(cache, "fingerprint", None),  # the files and preprocessing
+            "split_seed": lab.data.split_seed,
+            "true": true,
+            "pred": pred,
+        }
     if diverged:
         metrics["diverged"] = {"epoch": len(history) - 1, "train_loss": final.get("train/loss", math.nan)}
     return metrics

@@ -99,3 +99,31 @@ def verdicts(
         elif values.size and values[0] > 0 and _end_mean(values, t.window) >= t.diverged_factor * values[0]:
             found.add("diverged")
     return [name for name in VERDICTS if name in found]
+
+
+def phases(
+    history: Sequence[Mapping[str, float]], thresholds: Mapping[str, Any] | VerdictThresholds | None = None
+) -> dict[str, Any]:
+    """When a run learned what: the notebook's "first a peak, then a coin toss", as epochs (0-based).
+
+    ``collapsed_epochs``: epochs whose val predictions went (almost) all to one class (at least
+    ``collapsed_pred_frac``); ``left_chance_epoch``: the first epoch from which val balanced
+    accuracy stayed above chance (1/classes + ``chance_margin``) to the end, None if it never
+    did; ``best_epoch``: the epoch of the best val accuracy.
+    """
+    t = from_mapping(VerdictThresholds, thresholds, "verdicts")
+    collapsed, above = [], []
+    for row in history:
+        shares = [value for key, value in row.items() if key.startswith("val/pred_frac/")]
+        if shares and max(shares) >= t.collapsed_pred_frac:
+            collapsed.append(int(row["epoch"]))
+        chance = 1 / max(len(shares), 2) + t.chance_margin
+        above.append(row.get("val/balanced_acc", math.nan) > chance)
+    left = next((i for i in range(len(above)) if all(above[i:])), None)
+    accs = [row.get("val/acc", math.nan) for row in history]
+    best = int(np.nanargmax(accs)) if np.isfinite(accs).any() else None
+    return {
+        "collapsed_epochs": collapsed,
+        "left_chance_epoch": int(history[left]["epoch"]) if left is not None else None,
+        "best_epoch": int(history[best]["epoch"]) if best is not None else None,
+    }

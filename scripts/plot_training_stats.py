@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a sweep dir (outputs/multirun/...), a run dir, or a run's metrics.json")
     parser.add_argument("--no-html", action="store_true", help="skip report.html (about 5 MB: plotly.js is embedded)")
+    parser.add_argument(
+        "--metric", default="test_balanced_acc", help="what the effect of each step is measured on (a metrics.json key)"
+    )
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.path, html_report=not args.no_html)
+        written = write_report(args.path, html_report=not args.no_html, metric=args.metric)
     except (LabError, OSError) as err:  # no runs there, or a report file that cannot be written
         fail(one_line(err))
     print(written["report.md"].read_text(encoding="utf-8"))

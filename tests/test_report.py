@@ -256,7 +256,8 @@ def test_report_lists_failed_missing_and_damaged_runs(tmp_path):
     assert rows[2]["error"] == "data.raw_dir=/nope: not a folder" and rows[2]["val_acc_best"] == ""
     assert float(rows[0]["val_acc_best"]) == pytest.approx(0.82) and rows[0]["epochs"] == "20"
     markdown = written["report.md"].read_text()
-    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    runs_section = markdown.split("## Runs", 1)[1].split("## ", 1)[0]
+    table = [line for line in runs_section.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 5  # header + one row per run
     assert "failed: data.raw_dir=/nope: not a folder" in markdown and "no metrics.json" in markdown
     assert "2 finished" in markdown
@@ -353,8 +354,10 @@ def test_a_run_done_twice_counts_once(tmp_path):
     written = write_report(tmp_path)
     assert [row["dir"] for row in read_csv(written["report.csv"])] == ["0_bare,seed=0", "2_bare,seed=1"]
     assert "2 runs, 2 finished." in written["report.md"].read_text()
-    val_acc = next(t for t in plot_training_stats(tmp_path).data if t.xaxis == "x2" and t.line.dash == "solid")
-    assert val_acc.y[-1] == pytest.approx(0.65) and val_acc.name.startswith("default ×2")  # two runs, not four
+    figure = plot_training_stats(tmp_path)
+    val_acc = next(t for t in figure.data if t.name == "val acc")
+    assert val_acc.y[-1] == pytest.approx(0.65)  # the mean of two runs, not four
+    assert [a.text for a in figure.layout.annotations] == ["default ×2: overfit"]  # two runs, both overfit
 
 
 def test_runs_without_a_config_are_never_taken_for_repeats(tmp_path):
@@ -394,25 +397,33 @@ def test_seeds_group_into_experiments_with_mean_and_spread(tmp_path):
     markdown = write_report(sweep)["report.md"].read_text()
     assert "0.700 ± 0.100" in markdown and "mean ± standard deviation" in markdown
 
-    figure = plot_training_stats(sweep)
-    lines = [trace for trace in figure.data if trace.fill is None]
+    figure = plot_training_stats(sweep)  # one panel per experiment
+    lines = [trace for trace in figure.data if trace.fill is None and trace.mode != "markers"]
     bands = [trace for trace in figure.data if trace.fill == "toself"]
-    assert len(lines) == 2 * 2 * 2 and len(bands) == 2 * 2 * 2  # experiments x panels x (train, val)
-    bare = [trace for trace in lines if trace.legendgroup == "ablation_0_bare"]
-    val_acc = next(trace for trace in bare if trace.xaxis == "x2" and trace.line.dash == "solid")
+    assert len(lines) == 2 * 4 and len(bands) == 2 * 4  # experiments x (train, val) x (acc, loss)
+    val_acc = next(trace for trace in lines if trace.name == "val acc" and trace.xaxis == "x")  # the first panel
     assert val_acc.y[-1] == pytest.approx(0.7)  # the mean of the three seeds' last epoch
 
 
-def test_figure_has_one_legend_entry_per_run_and_dashed_train_curves(tmp_path):
+def test_figure_has_a_panel_per_experiment_with_dashed_train_curves_and_phases(tmp_path):
     make_run(tmp_path, "0_bare", rows=collapsed_history())
     make_run(tmp_path, "1_balanced", config=with_changes(data={"balance": True}))
     figure = plot_training_stats(tmp_path)
-    assert len(figure.data) == 2 * 2 * 2
-    legend = [trace.name for trace in figure.data if trace.showlegend]
-    assert legend == ["bare: collapsed, chance", "balanced"]
-    assert {trace.line.dash for trace in figure.data} == {"dash", "solid"}
-    assert figure.layout.yaxis.type == "log"
-    assert len({trace.line.color for trace in figure.data}) == 2
+    assert [a.text for a in figure.layout.annotations] == ["bare: collapsed, chance", "balanced"]  # panel titles
+    lines = [trace for trace in figure.data if trace.mode != "markers"]
+    assert len(lines) == 2 * 4 and [t.name for t in figure.data if t.showlegend] == [
+        "train acc",
+        "val acc",
+        "train loss",
+        "val loss",
+    ]
+    assert {trace.line.dash for trace in lines} == {"dash", "solid"}
+    assert figure.layout.yaxis2.type == "log" and figure.layout.yaxis.range == (0.0, 1.02)  # loss right, log
+    # the collapsed run is grey across its whole history; the healthy one left chance and has a best epoch
+    spans = [shape for shape in figure.layout.shapes if shape.type == "rect"]
+    assert len(spans) == 1 and spans[0].x0 == -0.5 and spans[0].x1 == 19.5
+    stars = [trace for trace in figure.data if trace.mode == "markers"]
+    assert [trace.x[0] for trace in stars] == [0, 19]  # best val accuracy: the flat run's first epoch, the last
 
 
 # --------------------------------------------------------------------------- CLI and callback
@@ -457,13 +468,17 @@ def test_callback_writes_the_report_at_the_end_of_a_multirun(tmp_path):
     assert len(read_csv(tmp_path / "report.csv")) == 1
 
 
-def test_callback_writes_after_each_job_once_one_failed(tmp_path):
+def test_callback_rewrites_the_report_after_every_job_marked_in_progress(tmp_path):
     make_run(tmp_path, "0_bare")
     callback = SweepReport(html=False)
+    callback.jobs = 3  # what on_multirun_start found
     callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.COMPLETED))
-    assert not (tmp_path / "report.md").exists()  # nothing failed: the report waits for the multirun's end
+    assert "In progress (1 of 3 jobs)" in (tmp_path / "report.md").read_text()
+    make_run(tmp_path, "1_more", config=with_changes(seed=1))
+    make_run(tmp_path, "2_failed", metrics={"status": "failed", "error": "x"}, rows=[], config=with_changes(seed=2))
     callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.FAILED))
-    assert (tmp_path / "report.md").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "In progress" not in report and "3 runs, 2 finished." in report  # the last job: complete
 
 
 def test_callback_never_fails_the_sweep(tmp_path, caplog):
