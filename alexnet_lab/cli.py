@@ -34,7 +34,7 @@ from alexnet_lab.identity import finished_metrics, run_name
 
 log = logging.getLogger(__name__)
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")  # the config tree
+CONF = str(Path(__file__).resolve().parent / "conf")  # the config tree ships inside the package
 
 
 #: The config a command's YAML (conf/<name>.yaml) extends, and the dataclass :func:`load` checks it against.
@@ -53,17 +53,37 @@ def _register() -> None:
     fails in :func:`load`, inside the job, as one line naming the key, so that in a multirun
     the job records it and the other jobs still run.
     """
-    store = ConfigStore.instance()
-    store.store(group="schema/model", name="alexnet", node=defaults(config.ModelConfig))
+    store = ConfigStore.instance()  # not in groups: `--help` lists only what a user chooses from
+    store.store(name="schema_model_alexnet", node=defaults(config.ModelConfig))
     for name, schema in config.OPTIMIZERS.items():
-        store.store(group="schema/optim", name=name, node=defaults(schema))
-    store.store(group="schema/data", name="folder", node=defaults(config.DataConfig))
-    synthetic = {"name": "synthetic", "raw_dir": "data/synthetic/raw", "synthetic": defaults(config.SyntheticConfig)}
-    store.store(group="schema/data", name="synthetic", node={**defaults(config.DataConfig), **synthetic})
+        store.store(name=f"schema_optim_{name}", node=defaults(schema))
+    for name, schedule in config.SCHEDULERS.items():
+        store.store(name=f"schema_scheduler_{name}", node=defaults(schedule))
+    store.store(name="schema_paths", node=defaults(config.PathsConfig))
+    store.store(name="schema_data_folder", node=defaults(config.DataConfig))
+    synthetic = {
+        "name": "synthetic",
+        "raw_dir": config.SYNTHETIC_RAW_DIR,
+        "synthetic": defaults(config.SyntheticConfig),
+    }
+    store.store(name="schema_data_synthetic", node={**defaults(config.DataConfig), **synthetic})
     for name, schema in COMMANDS.items():
         store.store(name=f"{name}_schema", node=defaults(schema))
     OmegaConf.register_new_resolver("run_name", lambda overrides: run_name(list(overrides)), replace=True)
     OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True)
+    OmegaConf.register_new_resolver("wandb_offline", _wandb_offline, replace=True)
+
+
+def _wandb_offline() -> bool:
+    """Whether the wandb logger runs offline: unless the user is logged in (WANDB_API_KEY or ``wandb login``)."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is None  # where `wandb login` keeps the key
+    except (OSError, netrc.NetrcParseError):
+        return True
 
 
 def _config_subdir(resume: bool) -> str | None:
@@ -333,3 +353,26 @@ def preprocess_command() -> None:
     # warnings (folders that are not classes, unreadable files) on stderr; the report on stdout
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     run_command(_preprocess)
+
+
+def report_command(argv: list[str] | None = None) -> int:
+    """``alexnet-lab-report SWEEP_OR_RUN_DIR``: (re)write a sweep's or a run's report and print it."""
+    import argparse
+
+    from alexnet_lab.report import write_report
+
+    parser = argparse.ArgumentParser(prog="alexnet-lab-report", description=report_command.__doc__)
+    parser.add_argument("path", help="a sweep dir (outputs/multirun/...), a run dir, or a run's metrics.json")
+    parser.add_argument("--no-html", action="store_true", help="skip report.html (about 5 MB: plotly.js is embedded)")
+    parser.add_argument(
+        "--metric", default="test_balanced_acc", help="what the effect of each step is measured on (a metrics.json key)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        written = write_report(args.path, html_report=not args.no_html, metric=args.metric)
+    except (LabError, OSError) as err:  # no runs there, or a report file that cannot be written
+        fail(one_line(err))
+    print(written["report.md"].read_text(encoding="utf-8"))
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0

@@ -15,11 +15,24 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from alexnet_lab.errors import ConfigError, check_fields, check_value, from_mapping, setting
+from alexnet_lab.errors import ConfigError, T, check_fields, check_value, from_mapping, setting
 
 MISSING: Any = "???"  # OmegaConf's mark of a value the user must set (Any: it stands in for any type)
+SYNTHETIC_RAW_DIR = "${paths.data_dir}/synthetic/raw"  # where the embedded data set is generated
+
+
+@dataclass
+class PathsConfig:
+    """The ``paths`` group: where data and outputs go, relative to the working directory unless absolute."""
+
+    data_dir: str = "data"  # the embedded data set and every preprocessed cache
+    output_dir: str = "outputs"  # runs/ and multirun/: every run's dir; `tensorboard --logdir outputs`
+
+    def __post_init__(self) -> None:
+        check_fields(self, "paths")
+
 
 # ----------------------------------------------------------------------------- the model
 
@@ -94,6 +107,82 @@ class SGDConfig(OptimConfig):
 
 #: The ``optim`` group: a name for the command line (``optim=sgd``) -> its schema.
 OPTIMIZERS: dict[str, type[OptimConfig]] = {"adam": AdamConfig, "adamw": AdamWConfig, "sgd": SGDConfig}
+
+# ----------------------------------------------------------------------------- learning-rate schedules
+
+
+@dataclass
+class SchedulerConfig:
+    """The ``scheduler`` group: how the rate changes from epoch to epoch (built in module.lr_schedule).
+
+    ``none`` keeps the notebook's constant rate. A warm-up, where it applies, raises the rate
+    linearly from ``warmup_start_factor`` x lr to lr over the first ``warmup_epochs`` epochs.
+    """
+
+    name: str = setting("none", choices=("none",), hint="choose a schedule with scheduler=cosine, step or plateau")
+    warmup_epochs: int = setting(0, ge=0, hint="0 = no warm-up")
+    warmup_start_factor: float = setting(0.1, gt=0.0, le=1.0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "scheduler")
+
+
+@dataclass
+class CosineConfig(SchedulerConfig):
+    """Cosine annealing from lr to ``eta_min`` over the epochs after the warm-up (trainer.max_epochs)."""
+
+    name: str = setting("cosine", choices=("cosine",), hint="choose another with scheduler=step")
+    eta_min: float = setting(0.0, ge=0.0)  # the rate the last epoch ends at
+
+
+@dataclass
+class StepConfig(SchedulerConfig):
+    """The rate times ``gamma`` every ``step_size`` epochs (after the warm-up)."""
+
+    name: str = setting("step", choices=("step",), hint="choose another with scheduler=cosine")
+    step_size: int = setting(10, ge=1)
+    gamma: float = setting(0.1, gt=0.0, le=1.0)
+
+
+@dataclass
+class PlateauConfig(SchedulerConfig):
+    """The rate times ``factor`` once ``monitor`` has not improved for ``patience`` epochs (no warm-up)."""
+
+    name: str = setting("plateau", choices=("plateau",), hint="choose another with scheduler=cosine")
+    monitor: str = setting("val/loss", choices=("val/loss", "val/acc", "val/balanced_acc", "train/loss"))
+    factor: float = setting(0.1, gt=0.0, lt=1.0)
+    patience: int = setting(5, ge=0)  # epochs without improvement before the rate drops
+    threshold: float = setting(1e-4, ge=0.0)  # relative change that counts as an improvement
+    min_lr: float = setting(0.0, ge=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.warmup_epochs:  # torch's SequentialLR cannot hold a ReduceLROnPlateau
+            raise ConfigError("scheduler.warmup_epochs: plateau has no warm-up; use scheduler=cosine or step for one")
+
+
+#: The ``scheduler`` group: a name for the command line (``scheduler=cosine``) -> its schema.
+SCHEDULERS: dict[str, type[SchedulerConfig]] = {
+    "none": SchedulerConfig,
+    "cosine": CosineConfig,
+    "step": StepConfig,
+    "plateau": PlateauConfig,
+}
+
+
+def chosen(group: str, values: Any, registry: Mapping[str, type[T]]) -> T:
+    """A group's choice (plain data naming its schema in ``name``) as that schema, checked."""
+    if not isinstance(values, Mapping):
+        return cast(T, values)
+    name = values.get("name")
+    schema = next((s for s in registry.values() if getattr(s, "name", None) == name), None)
+    if schema is None:
+        known = ", ".join(str(getattr(s, "name", "")) for s in registry.values())
+        raise ConfigError(
+            f"{group}.name={name!r}: must be one of {known}; choose one with {group}={next(iter(registry))}, ..."
+        )
+    return from_mapping(schema, values, group)
+
 
 # ----------------------------------------------------------------------------- data
 
@@ -176,7 +265,7 @@ class DataConfig:
 
     name: str = "folder"  # folder: any raw folder; synthetic: the embedded data set
     raw_dir: str = MISSING  # one subfolder per class (raw/cat/*.jpg); only ever read
-    cache_dir: str = "data/cache"  # preprocessed uint8 caches, one per (files, settings) fingerprint
+    cache_dir: str = "${paths.data_dir}/cache"  # preprocessed uint8 caches, one per (files, settings) fingerprint
     image_size: int = setting(256, ge=64, hint="px; 64 is the least the AlexNet stem accepts")
     grayscale: bool = True  # the notebook trained on gray images
     balance: bool = False  # the notebook's balance_sample: as many images of every class each epoch
@@ -195,6 +284,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
+        for key in ("raw_dir", "cache_dir"):
+            if "${" in str(getattr(self, key)):  # built in Python, not composed by Hydra: nothing fills it in
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} names a config path: pass data.{key}=DIR")
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 f"data.val_fraction={self.val_fraction}, data.test_fraction={self.test_fraction}: "
@@ -248,10 +340,18 @@ TRAINER_RULES = {
 class LabConfig:
     """``python train.py``: the root of the config tree."""
 
+    paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: Any = MISSING  # an OptimConfig, chosen by the optim group
+    scheduler: Any = field(default_factory=SchedulerConfig)  # a SchedulerConfig, chosen by the scheduler group
     data: DataConfig = MISSING
     trainer: dict[str, Any] = field(default_factory=dict)  # pytorch_lightning.Trainer arguments
+    # the logger and callbacks groups: name -> what hydra.utils.instantiate builds (null: off); the
+    # callbacks a run depends on (checkpoints, divergence guard, resume state) are added in train.py
+    logger: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    # start from these weights (a .ckpt, or a run dir: its best.ckpt) as a new run; resume=true continues one
+    ckpt_path: str | None = None
     seed: int = 0  # seeds weights, sampling, augmentation and dropout (0 is a seed)
     run_name: str = "${run_name:${hydra:overrides.task}}"  # what differs from the defaults; names the run dir
     resume: bool = False  # true: skip runs whose metrics.json says finished, continue others from last.ckpt
@@ -260,13 +360,12 @@ class LabConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "")
-        if isinstance(self.optim, Mapping):  # the optim group's choice, as plain data: its schema by name
-            name = self.optim.get("name")
-            schema = next((s for s in OPTIMIZERS.values() if s.name == name), None)
-            if schema is None:
-                known = ", ".join(s.name for s in OPTIMIZERS.values())
-                raise ConfigError(f"optim.name={name!r}: must be one of {known}; choose one with optim=adam, sgd, ...")
-            self.optim = from_mapping(schema, self.optim, "optim")
+        self.optim = chosen("optim", self.optim, OPTIMIZERS)  # the group's choice, as plain data: its schema
+        self.scheduler = chosen("scheduler", self.scheduler, SCHEDULERS)
+        for group in ("logger", "callbacks"):  # what hydra.utils.instantiate builds: a _target_ each, or null
+            for key, spec in getattr(self, group).items():
+                if spec is not None and not (isinstance(spec, Mapping) and "_target_" in spec):
+                    raise ConfigError(f"{group}.{key}={spec!r}: must name a class in _target_ (or be null: off)")
         for key, rule in TRAINER_RULES.items():  # their types: train.check_trainer_args, from Lightning's own
             if key in self.trainer:
                 check_value(f"trainer.{key}", self.trainer[key], int, rule)
@@ -277,6 +376,7 @@ class CheckpointUse:
     """What eval.py and predict.py share: which checkpoint, and how to run it."""
 
     ckpt_path: str = MISSING  # a .ckpt file, or a run dir (then its checkpoints/best.ckpt)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     image_size: int | None = setting(None, ge=64, hint="px; null = as trained")
     precision: str | None = None  # null = as trained (the run's trainer.precision); 32-true, bf16-mixed, ...
     device: str = "auto"  # auto = a GPU if there is one, else the CPU; or cpu, cuda, cuda:1
@@ -309,3 +409,4 @@ class PreprocessConfig:
     """``python scripts/preprocess.py``: build (or find) the cache training would use."""
 
     data: DataConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)

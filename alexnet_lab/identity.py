@@ -1,7 +1,7 @@
 """Which runs are the same, what tells them apart, and which are done: one run identity.
 
 One list, :data:`NOT_LEARNED`, names the config keys that do not change what a run learns
-(paths, progress bars, ``resume``, device placement, verdict thresholds). Run dir names
+(paths, progress bars, ``resume``, device placement, loggers, verdict thresholds). Run dir names
 (:func:`run_name`, from the command-line overrides), the report's grouping of runs into
 experiments (:func:`experiment_key`) and its "what differs" column (:func:`config_diff`) all
 leave those keys out, so ``resume=true`` or another cache folder never makes a run look new.
@@ -32,6 +32,9 @@ NOT_LEARNED = (
     "trainer.enable_progress_bar",
     "trainer.accelerator",
     "verdicts.*",
+    "paths.*",
+    "logger.*",
+    "hparams_search",  # a search's trials differ by the values it sampled, which name them
     "hydra.*",
     "hydra/*",
 )

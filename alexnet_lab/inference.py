@@ -140,6 +140,30 @@ def _build_module(path: Path, checkpoint: dict[str, Any]) -> AlexNetClassifier:
     return module
 
 
+def load_weights(module: AlexNetClassifier, ckpt: str | Path) -> Path:
+    """Copy a checkpoint's weights into ``module`` (train.py's ``ckpt_path=``); returns the file read.
+
+    The checkpoint must hold the same net for the same classes: a mismatch is one line naming
+    what differs, so that a fine-tuning run never starts from half-loaded weights.
+    """
+    path = find_checkpoint(ckpt)
+    checkpoint = _read_checkpoint(path)
+    trained = checkpoint["hyper_parameters"]
+    classes = list(trained.get("classes") or [])
+    if classes != module.classes:
+        raise CheckpointError(f"ckpt_path={path}: trained on classes {classes}, this data has {module.classes}")
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (RuntimeError, TypeError) as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+        described = ", ".join(f"model.{key}={value}" for key, value in dict(trained.get("model") or {}).items())
+        raise CheckpointError(
+            f"ckpt_path={path}: its weights do not fit this model ({problems[0][:150]}); "
+            f"it was trained with {described}"
+        ) from None
+    return path
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Lightning's info lines (GPU available, tips) and its worker-count hint off: the commands print results."""
@@ -354,12 +378,28 @@ def run_data_config(model: TrainedModel, run_config: DictConfig | None = None) -
             f"{model.checkpoint} has no run dir with {RUN_CONFIG.as_posix()} to find its data: "
             "evaluate it on a folder with data=folder data.raw_dir=DIR"
         )
-    try:  # only the data block is read: the rest (run_name) needs Hydra's resolvers
-        as_trained = {"image_size": model.image_size, "grayscale": model.grayscale}
-        data = OmegaConf.merge(source.data, as_trained)
+    try:  # only the data block is resolved (its ${paths.data_dir}): the rest (run_name) needs Hydra's resolvers
+        data = OmegaConf.to_container(source.data, resolve=True)
+        assert isinstance(data, dict)
+        data.update(image_size=model.image_size, grayscale=model.grayscale)
     except OmegaConfBaseException as err:
         raise ConfigError(f"the data block of {model.checkpoint}'s run config does not fit: {one_line(err)}") from None
-    return load(data, DataConfig, "data")
+    run_cwd = _run_cwd(model.run_dir) if run_config is None else None
+    for key in ("raw_dir", "cache_dir"):  # relative to where training ran, not to where this runs
+        if run_cwd is not None and isinstance(data.get(key), str):
+            data[key] = str(run_cwd / data[key])
+    return load(OmegaConf.create(data), DataConfig, "data")
+
+
+def _run_cwd(run_dir: Path | None) -> Path | None:
+    """The directory a run was started in (Hydra's ``runtime.cwd`` in its .hydra/hydra.yaml), if recorded."""
+    if run_dir is None:
+        return None
+    try:
+        cwd = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"), "hydra.runtime.cwd")
+    except (OSError, OmegaConfBaseException):
+        return None
+    return Path(cwd) if isinstance(cwd, str) else None
 
 
 def evaluate_split(

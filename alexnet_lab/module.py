@@ -16,7 +16,7 @@ new images the same way, and an evaluation can tell whether the data changed sin
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
@@ -37,6 +37,34 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"optim.name={name!r} is not an optimizer in torch.optim; use e.g. optim=adam or optim=sgd")
     return cls
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, spec: dict[str, Any], max_epochs: int) -> dict[str, Any] | None:
+    """Lightning's ``lr_scheduler`` entry for ``spec`` (a SchedulerConfig as plain data), stepped per epoch.
+
+    None for a constant rate. A warm-up runs first (torch's LinearLR, then the schedule in a
+    SequentialLR); cosine anneals over the epochs after it.
+    """
+    schedulers, warmup = torch.optim.lr_scheduler, int(spec.get("warmup_epochs", 0))
+    name = spec.get("name", "none")
+    if name == "plateau":
+        mode: Literal["min", "max"] = "max" if spec["monitor"].endswith("acc") else "min"
+        keys = ("factor", "patience", "threshold", "min_lr")
+        plateau = schedulers.ReduceLROnPlateau(optimizer, mode=mode, **{key: spec[key] for key in keys})
+        return {"scheduler": plateau, "monitor": spec["monitor"], "interval": "epoch"}
+    main: schedulers.LRScheduler
+    if name == "cosine":
+        main = schedulers.CosineAnnealingLR(optimizer, max(1, max_epochs - warmup), spec["eta_min"])
+    elif name == "step":
+        main = schedulers.StepLR(optimizer, spec["step_size"], spec["gamma"])
+    elif warmup:  # none: the constant rate after the warm-up
+        main = schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        return None
+    if warmup:
+        rise = schedulers.LinearLR(optimizer, start_factor=spec["warmup_start_factor"], total_iters=warmup)
+        main = schedulers.SequentialLR(optimizer, [rise, main], milestones=[warmup])
+    return {"scheduler": main, "interval": "epoch"}
 
 
 class ConfusionCounts(MulticlassConfusionMatrix):
@@ -61,12 +89,20 @@ class AlexNetClassifier(pl.LightningModule):
 
     Args take plain data (they are the checkpoint's hyperparameters): ``model`` holds
     :class:`AlexNetConfig` fields without ``in_channels``/``num_classes``, ``optim`` holds
-    ``name`` (a class in ``torch.optim``) and that class's keyword arguments.
+    ``name`` (a class in ``torch.optim``) and that class's keyword arguments, ``scheduler`` a
+    SchedulerConfig (None: constant rate).
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], classes: list[str], in_channels: int = 1) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        classes: list[str],
+        in_channels: int = 1,
+        scheduler: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # train.py logs the whole config to every logger instead
         self.classes = list(classes)
         self.net = AlexNet(AlexNetConfig(**model, in_channels=in_channels, num_classes=len(classes)))
         # 1.2-1.4x faster convs on CPU; torch's type stubs lack Module.to's memory_format
@@ -87,6 +123,7 @@ class AlexNetClassifier(pl.LightningModule):
         self.last_confusion: dict[str, torch.Tensor] = {}  # stage -> (K, K) of its last epoch
         self._val_row: dict[str, float] = {}
         self._epoch_started = 0.0
+        self._epoch_lr = 0.0
 
     @property
     def num_parameters(self) -> int:
@@ -146,12 +183,16 @@ class AlexNetClassifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
+        # the rate of this epoch: Lightning steps an epoch schedule after the last batch, before this epoch ends
+        self._epoch_lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_epoch_end(self) -> None:
+        self.log("train/lr", self._epoch_lr, on_step=False, on_epoch=True)
         row = {
             "epoch": self.current_epoch,
             "epoch_s": time.perf_counter() - self._epoch_started,  # training + validation, wall clock
             **self._epoch_metrics("fit", "train"),
+            "train/lr": self._epoch_lr,
             **self._val_row,
         }
         self._val_row = {}
@@ -181,9 +222,11 @@ class AlexNetClassifier(pl.LightningModule):
         """The stage's confusion matrix and mean loss (``fit``, ``val`` or ``test``)."""
         return cast(ConfusionCounts, self.confusion[key]), cast(MeanMetric, self.mean_loss[key])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         optim = self.hparams["optim"]
         kwargs = {key: value for key, value in optim.items() if key != "name"}
         if "betas" in kwargs:
             kwargs["betas"] = tuple(kwargs["betas"])  # a list after a round trip through YAML
-        return optimizer_class(optim["name"])(self.parameters(), **kwargs)
+        optimizer = optimizer_class(optim["name"])(self.parameters(), **kwargs)
+        schedule = lr_schedule(optimizer, self.hparams.get("scheduler") or {}, int(self.trainer.max_epochs or 1))
+        return {"optimizer": optimizer, "lr_scheduler": schedule} if schedule else optimizer

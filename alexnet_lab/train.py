@@ -18,7 +18,7 @@ import time
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -29,12 +29,13 @@ from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from alexnet_lab.callbacks import RunState, TensorBoardInspection, history_from_checkpoint
+from alexnet_lab.callbacks import RunState, history_from_checkpoint
 from alexnet_lab.cli import error_policy, load, write_json
 from alexnet_lab.config import LabConfig
 from alexnet_lab.data.datamodule import ImageFolderDataModule
-from alexnet_lab.errors import ConfigError, LabError, check_value
+from alexnet_lab.errors import ConfigError, LabError, check_value, one_line
 from alexnet_lab.identity import finished_metrics
+from alexnet_lab.inference import load_weights
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
 from alexnet_lab.stats import balanced_accuracy, bootstrap, wilson
 from alexnet_lab.verdicts import phases, verdicts
@@ -62,10 +63,20 @@ def reset_job_state(seed: int, parallel_jobs: int = 1) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
+#: Trainer arguments the lab sets itself, and where a user sets them instead
+SET_BY_THE_LAB = {
+    "logger": "choose loggers with logger=tensorboard, csv, mlflow, wandb, many or none",
+    "callbacks": "add callbacks with callbacks=[default,early_stopping] (conf/callbacks)",
+    "default_root_dir": "the run dir is hydra.run.dir (or paths.output_dir)",
+}
+
+
 def check_trainer_args(trainer: Mapping[str, Any]) -> None:
     """Each ``trainer.*`` value against the type ``pytorch_lightning.Trainer`` declares for that argument."""
     declared = typing.get_type_hints(pl.Trainer.__init__)
     for key, value in trainer.items():
+        if key in SET_BY_THE_LAB:
+            raise ConfigError(f"trainer.{key} is set by the lab: {SET_BY_THE_LAB[key]}")
         if key not in declared:
             raise ConfigError(f"trainer.{key} is not a pytorch_lightning.Trainer argument: check its spelling")
         check_value(f"trainer.{key}", value, declared[key])
@@ -98,9 +109,43 @@ def built_from_config(group: str, values: Mapping[str, Any]) -> Iterator[None]:
         raise ConfigError(f"{where}: {text}") from err
 
 
+#: the optional packages behind a group's options, and the extra that installs them (pyproject.toml)
+EXTRAS = {"logger.mlflow": "mlflow", "logger.wandb": "wandb"}
+
+
+def instantiate_group(group: str, specs: Mapping[str, Any]) -> list[Any]:
+    """What a config group's entries describe (a ``_target_`` each; null: off), built by Hydra.
+
+    A package that is not installed is one line naming the extra that installs it; any other
+    failure names the entry's key.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    built = []
+    for key, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            built.append(instantiate(spec))
+        except InstantiationException as err:
+            cause = err.__cause__ or err
+            if isinstance(cause, ModuleNotFoundError) and f"{group}.{key}" in EXTRAS:
+                extra = EXTRAS[f"{group}.{key}"]
+                raise ConfigError(f'{group}={key} needs {extra}, not installed: pip install -e ".[{extra}]"') from err
+            raise ConfigError(f"{group}.{key}: {one_line(cause)}") from err
+    return built
+
+
 def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping]:
     """The Trainer of one run, with the callbacks the lab depends on; also its best checkpoint and its guard."""
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    # every logger writes into the run dir, or below it where its save_dir is relative (mlflow: mlruns/)
+    in_run_dir = {
+        key: {**spec, "save_dir": str(run_dir / spec.get("save_dir", ""))}
+        for key, spec in lab.logger.items()
+        if spec is not None
+    }
+    loggers = instantiate_group("logger", in_run_dir)
     # Both save at the end of each training epoch, after the epoch's history row exists, so a
     # resume replays nothing. Two callbacks: since Lightning 2.6, `save_last` on a monitored
     # checkpoint writes last.ckpt only in epochs where the monitored metric improved.
@@ -129,15 +174,27 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
         verbose=False,
     )
     # Under SLURM, submitit requeues a timed-out or preempted job and `resume=true` continues
-    # it; Lightning's own requeue handler would fight submitit's over the same signal.
+    # it; Lightning's own requeue handler would fight submitit's over the same signal. The
+    # callbacks the lab depends on are always there, whatever the callbacks group says.
+    callbacks = [best, last, guard, RunState(lab.seed), *instantiate_group("callbacks", lab.callbacks)]
     trainer = pl.Trainer(
-        **lab.trainer,
+        **trainer_arguments(lab.trainer),
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
-        logger=logger,
-        callbacks=[best, last, guard, RunState(lab.seed), TensorBoardInspection()],
+        logger=loggers or False,
+        callbacks=callbacks,
         default_root_dir=str(run_dir),
     )
     return trainer, best, guard
+
+
+def trainer_arguments(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """``trainer.*`` checked, with values that name a ``_target_`` built (``debug=profiler``'s profiler)."""
+    built = dict(trainer)
+    for key, value in trainer.items():
+        if isinstance(value, Mapping) and "_target_" in value:
+            built[key] = instantiate_group("trainer", {key: value})[0]
+    check_trainer_args(built)
+    return built
 
 
 def train(
@@ -158,7 +215,6 @@ def train(
     lab = load(cfg, LabConfig)  # every value checked before any data is touched
     reset_job_state(lab.seed, parallel_jobs)
     with built_from_config("trainer", lab.trainer):  # the Trainer and what it is given, before any data work
-        check_trainer_args(lab.trainer)
         trainer, best, guard = build_trainer(lab, run_dir)
     with built_from_config("optim", dataclasses.asdict(lab.optim)):  # torch's own checks of its arguments
         optim = dataclasses.asdict(lab.optim)
@@ -172,9 +228,12 @@ def train(
         optim=dataclasses.asdict(lab.optim),
         classes=datamodule.classes,
         in_channels=datamodule.in_channels,
+        scheduler=dataclasses.asdict(lab.scheduler),
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if lab.resume and last.exists() else None
+    if lab.ckpt_path and not resume_from:  # a new run from trained weights (a resumed one has its own)
+        log.info("starting from the weights of %s", load_weights(module, lab.ckpt_path))
     log.info(
         "%s %s: %d parameters, %d train / %d val / %d test images of classes %s, on %s",
         f"resuming from {last}" if resume_from else "training",
@@ -186,6 +245,9 @@ def train(
         datamodule.classes,
         trainer.strategy.root_device,
     )
+    params = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    for logger in trainer.loggers:  # the whole config, not only the module's arguments
+        logger.log_hyperparams(params)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except SystemExit:  # Lightning's graceful stop on Ctrl-C (exit 1) or SIGTERM
@@ -220,11 +282,12 @@ def train(
         best_checkpoint=best.best_model_path,
         overrides=list(overrides or []),
     )
-    for logger in trainer.loggers:
-        logger.log_hyperparams(
-            OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-            metrics={f"hp/{key}": metrics[key] for key in HP_METRICS},
-        )
+    results = {f"hp/{key}": metrics[key] for key in HP_METRICS}
+    for logger in trainer.loggers:  # the final results reach every logger
+        if isinstance(logger, TensorBoardLogger):  # with the config again, for its HPARAMS tab
+            logger.log_hyperparams(params, metrics=results)
+        else:
+            logger.log_metrics(results, step=trainer.global_step)
         logger.finalize("success")
     write_json(run_dir / "metrics.json", metrics)
     log.info(

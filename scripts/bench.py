@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import math
-import os
 import resource
 import shutil
 import statistics
@@ -55,7 +54,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess lives next to this file
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess and bench_help live next to this file
+
+from bench_help import cpu_seconds_of_others
 
 from alexnet_lab.cli import keep_freed_host_memory, load
 from alexnet_lab.config import LabConfig
@@ -442,22 +443,6 @@ def preprocess_speed(raw: Path, work: Path, size: int, files: int | None) -> dic
 
 
 # ----------------------------------------------------------------------------- the machine
-
-
-def cpu_seconds_of_others() -> float:
-    """CPU seconds the whole machine has been busy, less this process's own (and its children's); Linux.
-
-    From /proc/stat, so work of processes that have ended meanwhile counts too; 0 where it is missing.
-    """
-    try:
-        busy = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in busy[:8])
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    mine = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    return (user + nice + system + irq + softirq + steal) / ticks - mine
 
 
 def others_busy(seconds: float = 1.0) -> float:

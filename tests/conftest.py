@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,14 +29,33 @@ def compose_config(*overrides: str):
         return compose("config", overrides=["run_name=test", *overrides])
 
 
-def tiny_overrides(tmp_path: Path, *, epochs: int = 1, counts: str = "{cat:18,dog:12}") -> list[str]:
-    """Overrides for a seconds-long run on a small generated data set in tmp_path."""
+def tiny_overrides(tmp_path: Path, *, epochs: int = 1, counts: str | None = None) -> list[str]:
+    """Overrides for a seconds-long run on a small generated data set in tmp_path.
+
+    The settings are conf/debug/tiny.yaml's (``debug=tiny``, their one home), as overrides so
+    that a test can combine them with another debug preset; data and cache go to tmp_path.
+    """
+    tiny = yaml.safe_load((CONF_DIR / "debug" / "tiny.yaml").read_text())
+
+    def flat(node: dict, prefix: str) -> list[str]:
+        return [
+            item
+            for key, value in node.items()
+            for item in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"])
+        ]
+
+    settings = [
+        item
+        for group in ("data", "model", "trainer")
+        for item in flat(tiny.get(group, {}), f"{group}.")
+        if not item.startswith(("data.raw_dir", "data.cache_dir", "trainer.max_epochs"))
+        and not (counts and item.startswith("data.synthetic.counts"))
+    ]
     return [
+        *settings,
         f"data.raw_dir={tmp_path / 'raw'}",
         f"data.cache_dir={tmp_path / 'cache'}",
-        f"data.synthetic.counts={counts}",
-        "data.image_size=64",
-        "data.batch_size=8",
+        *([f"data.synthetic.counts={counts}"] if counts else []),
         "data.progress=false",
         "data.workers=1",
         f"trainer.max_epochs={epochs}",
@@ -63,6 +86,23 @@ def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Co
         text=True,
         timeout=timeout,
     )
+
+
+def run_in_process(args: list[str]) -> tuple[int, str, str]:
+    """``python train.py ARGS`` through the real entry point in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, [str(ROOT / "train.py"), *args]
+    code: Any = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            from alexnet_lab import cli
+
+            cli.train_command()
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        sys.argv = argv
+    return int(code or 0), out.getvalue(), err.getvalue()
 
 
 def draw_image(path: Path, label: int, size: tuple[int, int], seed: int) -> None:

@@ -118,7 +118,10 @@ def test_one_command_replays_the_ablation_and_reports_it(tmp_path):
     assert [row["run"] for row in rows] == NAMES  # overrides shared by every run are left out of the names
     assert [row["differs"] for row in rows] == DIFFS
     assert all(row["status"] == "ok" and row["epochs"] == "1" for row in rows)
-    table = [line for line in (sweep / "report.md").read_text().splitlines() if line.startswith("| ablation_")]
-    assert len(table) == 9
+    report = (sweep / "report.md").read_text()
+    runs_section = report.split("## Runs", 1)[1].split("\n## ", 1)[0]
+    assert len([line for line in runs_section.splitlines() if line.startswith("| ablation_")]) == 9
+    effects = report.split("## Effect", 1)[1].split("\n## ", 1)[0]  # each step against the one it builds on
+    assert len([line for line in effects.splitlines() if line.startswith("| ablation_")]) == 8
     assert (sweep / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (sweep / "report.html").stat().st_size > 0

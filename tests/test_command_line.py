@@ -10,9 +10,7 @@ key, no traceback, and ``failed`` in the run's metrics.json.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import subprocess
 import sys
@@ -22,9 +20,9 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import yaml
-from conftest import CONF_DIR, ROOT, run_train, tiny_overrides
+from conftest import CONF_DIR, ROOT, run_in_process, run_train, tiny_overrides
 
-from alexnet_lab import cli, config
+from alexnet_lab import config
 from alexnet_lab.errors import accepts, defaults
 
 #: keys that are not the user's to set: run_name is an interpolation of Hydra's overrides
@@ -64,7 +62,7 @@ def schema_cases(schema: type, prefix: str, select: tuple[str, ...] = ()) -> lis
         if nested:
             cases += schema_cases(nested[0], key, select)
             continue
-        if key in NOT_SET_BY_USERS or key in ("optim", "trainer"):
+        if key in NOT_SET_BY_USERS or key in ("optim", "scheduler", "trainer", "logger", "callbacks"):  # groups
             continue
         for mistake, value in (("type", wrong_type(kind)), ("range", out_of_range(dict(field.metadata), kind))):
             if value is not None:
@@ -123,6 +121,11 @@ def trainer_cases() -> list[tuple[list[str], str, str]]:
 CASES = (
     schema_cases(config.LabConfig, "")
     + [case for name, schema in config.OPTIMIZERS.items() for case in schema_cases(schema, "optim", (f"optim={name}",))]
+    + [
+        case
+        for name, schema in config.SCHEDULERS.items()
+        for case in schema_cases(schema, "scheduler", (f"scheduler={name}",))
+    ]
     + trainer_cases()
 )
 
@@ -131,26 +134,17 @@ VALID = (
     valid_cases(config.LabConfig, "")
     + [case for name, schema in config.OPTIMIZERS.items() for case in valid_cases(schema, "optim", (f"optim={name}",))]
     + [
+        case
+        for name, schema in config.SCHEDULERS.items()
+        for case in valid_cases(schema, "scheduler", (f"scheduler={name}",))
+        if case[1] != "scheduler.warmup_epochs" or name != "plateau"  # refused: plateau has no warm-up
+    ]
+    + [
         ([f"trainer.{key}={(rule['ge'] + 10) // 2}"], f"trainer.{key}")
         for key, rule in config.TRAINER_RULES.items()
         if key != "max_epochs"
     ]
 )
-
-
-def run_in_process(args: list[str]) -> tuple[int, str, str]:
-    """``python train.py ARGS`` through the real entry point in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, [str(ROOT / "train.py"), *args]
-    code: Any = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.train_command()
-    except SystemExit as stop:
-        code = stop.code
-    finally:
-        sys.argv = argv
-    return int(code or 0), out.getvalue(), err.getvalue()
 
 
 def test_the_matrix_covers_every_key_of_the_schema():

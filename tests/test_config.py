@@ -66,7 +66,7 @@ def test_group_files_set_nothing_the_schema_already_says():
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
             content = yaml.safe_load(path.read_text())
             assert set(content) == {"defaults"}, f"{path} repeats values of the schema: {set(content) - {'defaults'}}"
-            assert any(str(entry).startswith(f"/schema/{group}/") for entry in content["defaults"]), path
+            assert any(str(entry).startswith(f"/schema_{group}_") for entry in content["defaults"]), path
 
 
 def test_defaults_in_the_schema_are_what_the_composed_config_holds():

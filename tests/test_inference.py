@@ -416,3 +416,19 @@ def test_predict_py_prints_a_table_writes_csv_and_fails_clearly_on_a_bad_checkpo
     result = _run("predict.py", [f"ckpt_path={bad}", *images], cwd=tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in result.stderr
+
+
+def test_eval_from_another_directory_reads_the_data_where_training_ran(tmp_path, monkeypatch):
+    """A run's data paths are relative to where it trained (paths.data_dir=data), not to where eval runs."""
+    from conftest import run_in_process
+
+    trained_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    trained_in.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(trained_in)
+    code, _, err = run_in_process(["debug=tiny", "data.progress=false", "hydra.run.dir=run"])
+    assert code == 0, err[-2000:]
+    metrics = json.loads((trained_in / "run" / "metrics.json").read_text())
+    monkeypatch.chdir(elsewhere)
+    result = evaluate_split(trained_in / "run", "test", device="cpu")
+    assert result.acc == pytest.approx(metrics["test_acc"], abs=1e-6) and result.note == ""  # the same data
+    assert list(elsewhere.iterdir()) == []  # nothing generated or cached here

@@ -58,7 +58,11 @@ def test_diverging_and_crashing_jobs_do_not_stop_the_sweep(tmp_path):
             "-m",
             "optim.lr=1e-3,1e6",
             f"data.cache_dir={tmp_path / 'cache'},{not_a_dir}",
-            *tiny_overrides(tmp_path, epochs=4)[2:],
+            *[
+                item
+                for item in tiny_overrides(tmp_path, epochs=4)
+                if not item.startswith(("data.raw_dir", "data.cache_dir"))
+            ],
             f"data.raw_dir={tmp_path / 'raw'}",
             f"hydra.sweep.dir={sweep}",
         ],

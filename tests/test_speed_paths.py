@@ -47,6 +47,7 @@ def fake_trainer(device: torch.device, world_size: int = 1, rank: int = 0) -> Si
         global_rank=rank,
         training=True,
         current_epoch=0,
+        overfit_batches=0,
         strategy=SimpleNamespace(root_device=device),
     )
 
