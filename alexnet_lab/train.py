@@ -16,7 +16,7 @@ import re
 import sys
 import time
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -61,6 +61,33 @@ def reset_job_state(seed: int, parallel_jobs: int = 1) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // parallel_jobs) if parallel_jobs > 1 else _DEFAULT_THREADS)
     pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def requeued() -> bool:
+    """Whether this process is a Slurm job started again after a requeue: preempted, timed out, node failure.
+
+    Such a job always continues its own run dir, as with ``resume=true``: the cluster reruns the
+    job's own command line, which the user cannot add ``resume=true`` to any more (README: "On a
+    Slurm cluster"). Slurm counts the job's restarts in ``SLURM_RESTART_COUNT`` (unset at first).
+    """
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def own_gpu(trainer: Mapping[str, Any], job_num: int, parallel_jobs: int, overrides: Sequence[str]) -> list[int] | None:
+    """The GPU of job ``job_num`` of a sweep whose jobs run side by side (joblib's ``n_jobs``), else None.
+
+    Round robin over the visible GPUs, so N jobs on N GPUs do not all land on ``cuda:0``. None
+    (the Trainer's own choice) for one job at a time, fewer than two GPUs, an accelerator that is
+    not a GPU, or ``trainer.devices`` set by the user (an override, or a config value other than
+    the default 1): an explicit choice wins.
+    """
+    if parallel_jobs == 1 or any(item.lstrip("+~").startswith("trainer.devices=") for item in overrides):
+        return None
+    if str(trainer.get("accelerator", "auto")) not in ("auto", "gpu", "cuda") or trainer.get("devices", 1) != 1:
+        return None
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    return [job_num % torch.cuda.device_count()]
 
 
 #: Trainer arguments the lab sets itself, and where a user sets them instead
@@ -173,8 +200,8 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
         check_on_train_epoch_end=True,
         verbose=False,
     )
-    # Under SLURM, submitit requeues a timed-out or preempted job and `resume=true` continues
-    # it; Lightning's own requeue handler would fight submitit's over the same signal. The
+    # Under SLURM, submitit requeues a timed-out or preempted job, which then continues (requeued());
+    # Lightning's own requeue handler would fight submitit's over the same signal. The
     # callbacks the lab depends on are always there, whatever the callbacks group says.
     callbacks = [best, last, guard, RunState(lab.seed), *instantiate_group("callbacks", lab.callbacks)]
     trainer = pl.Trainer(
@@ -203,12 +230,14 @@ def train(
     """Train and test one configuration; write TensorBoard logs, checkpoints and metrics.json into ``run_dir``.
 
     With ``resume: true`` a run dir whose metrics.json says the run finished is skipped
-    (its metrics are returned), and an unfinished one continues from ``checkpoints/last.ckpt``.
+    (its metrics are returned), and an unfinished one continues from ``checkpoints/last.ckpt``;
+    so does a Slurm job that was requeued, whatever ``resume`` says (:func:`requeued`).
     Returns the metrics written to ``metrics.json``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("resume", False) and (done := finished_metrics(run_dir)) is not None:
+    resume = bool(cfg.get("resume", False)) or requeued()
+    if resume and (done := finished_metrics(run_dir)) is not None:
         log.info("%s already finished (%s): skipped", run_dir, done["status"])
         return done
     started = time.perf_counter()
@@ -231,7 +260,7 @@ def train(
         scheduler=dataclasses.asdict(lab.scheduler),
     )
     last = run_dir / "checkpoints" / "last.ckpt"
-    resume_from = str(last) if lab.resume and last.exists() else None
+    resume_from = str(last) if resume and last.exists() else None
     if lab.ckpt_path and not resume_from:  # a new run from trained weights (a resumed one has its own)
         log.info("starting from the weights of %s", load_weights(module, lab.ckpt_path))
     log.info(
@@ -370,6 +399,9 @@ def train_job(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     parallel_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)  # a joblib launcher's jobs side by side
     with error_policy(run_dir, overrides, multirun):
+        gpu = own_gpu(cfg.trainer, int(hydra_cfg.job.num), parallel_jobs, overrides) if multirun else None
+        if gpu is not None:  # metrics.json's "device" says which (cuda:1)
+            cfg.trainer.devices = gpu
         try:
             return float(train(cfg, run_dir, overrides, parallel_jobs=parallel_jobs)["val_acc_best"])
         except RunInterrupted as err:

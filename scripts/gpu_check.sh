@@ -151,6 +151,8 @@ for name in ("replay", "replay_3_jobs"):
         "runs_wall_s": round(sum(m.get("wall_s", 0.0) for m in found), 2),  # each run's whole train(): setup and test too
         "command_wall_s": steps.get(name, {}).get("ms", 0) / 1000,
         "test_acc": {path.parent.name: m.get("test_acc") for path, m in zip(paths, found)},
+        # with several GPUs, the jobs of replay_3_jobs take one each, round robin (train.py: own_gpu)
+        "devices": [m.get("device") for m in found],
     }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
