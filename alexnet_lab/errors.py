@@ -183,7 +183,7 @@ def from_mapping(cls: type[T], values: Mapping[str, Any] | T | None, prefix: str
         return cls()
     if not isinstance(values, Mapping):  # already a cls
         return values
-    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]  # T: any config dataclass (not expressible as a bound)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{_key(prefix, unknown[0])} is not a setting: use {', '.join(sorted(fields))}")

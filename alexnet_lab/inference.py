@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytorch_lightning as pl
@@ -205,7 +205,7 @@ class TrainedModel:
             return pl.Trainer(
                 accelerator=accelerator,
                 devices=[int(index)] if index.isdigit() else index or 1,
-                precision=self.precision,  # type: ignore[arg-type]
+                precision=self.precision,  # type: ignore[arg-type]  # a str Lightning checks itself (its Literal type is private)
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
@@ -582,8 +582,10 @@ def predict(
     rows: dict[Path, np.ndarray] = {}  # file -> (num_classes,) probabilities
     if len(files):
         with _quiet():
-            batches = model.trainer().predict(model.module, DataLoader(files, batch_size=batch_size))
-        rows = dict(zip(files.paths, torch.cat(batches).numpy(), strict=True))  # type: ignore[arg-type]
+            batches = cast(
+                list[torch.Tensor], model.trainer().predict(model.module, DataLoader(files, batch_size=batch_size))
+            )
+        rows = dict(zip(files.paths, torch.cat(batches).numpy(), strict=True))
     results = []
     for path, reason in entries:
         reason = reason or files.errors.get(path, "")

@@ -29,7 +29,7 @@ def stratified_split(
         val.append(members[:n_val])
         test.append(members[n_val : n_val + n_test])
         train.append(members[n_val + n_test :])
-    return tuple(np.sort(np.concatenate(part)) for part in (train, val, test))  # type: ignore[return-value]
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val)), np.sort(np.concatenate(test))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

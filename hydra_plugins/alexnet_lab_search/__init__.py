@@ -12,7 +12,7 @@ except ImportError:  # hydra-optuna-sweeper is not installed
     pass
 else:
 
-    class ResumableOptunaSweeper(OptunaSweeper):  # type: ignore[misc,unused-ignore]  # 1.2 ships no types, 1.3 does
+    class ResumableOptunaSweeper(OptunaSweeper):
         """Hydra's Optuna sweeper, continuing the study persisted in the sweep dir: see alexnet_lab/search.py."""
 
         def sweep(self, arguments: list[str]) -> None:

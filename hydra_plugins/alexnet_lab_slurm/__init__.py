@@ -10,12 +10,12 @@ Hydra imports every module here on every start; without the launchers extra
 from typing import Any
 
 try:
-    from hydra_plugins.hydra_submitit_launcher import submitit_launcher  # type: ignore[import-untyped]
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 except ImportError:  # hydra-submitit-launcher is not installed
     pass
 else:
 
-    class SlurmLauncher(submitit_launcher.SlurmLauncher):  # type: ignore[misc]  # the plugin ships no types
+    class SlurmLauncher(submitit_launcher.SlurmLauncher):
         """hydra-submitit-launcher's Slurm launcher that works without accounting: see alexnet_lab/slurm.py."""
 
         def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
