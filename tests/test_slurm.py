@@ -9,6 +9,7 @@ a parallel sweep.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -131,16 +132,23 @@ def long_sweep(sweep: Path, data: Path, *params: str) -> list[str]:
     return ["-m", *params, *long_run(data), *ON_LOCAL_SLURM, f"hydra.sweep.dir={sweep}"]
 
 
-def start_sweep(args: list[str], cwd: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def long_sweep_running(sweep: Path, data: Path) -> Iterator[subprocess.Popen]:
+    """A one-job sweep of LONG_RUN (seed 0) on the local Slurm, started in the background; killed on leaving."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.Popen(
+    args = long_sweep(sweep, data, "seed=0")
+    process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
+        cwd=data,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        yield process
+    finally:
+        process.kill()
 
 
 def readme_commands() -> list[list[str]]:
@@ -176,8 +184,7 @@ def test_the_readme_sweep_runs_as_one_job_array_with_both_run_dirs_and_the_repor
 @on_local_slurm
 def test_a_preempted_job_is_requeued_and_ends_as_if_never_stopped(slurm, data, tmp_path):
     sweep = tmp_path / "sweep"
-    process = start_sweep(long_sweep(sweep, data, "seed=0"), data)
-    try:
+    with long_sweep_running(sweep, data) as process:
         wait_for(lambda: any(sweep.glob("0_*/checkpoints/last.ckpt")) or process.poll() is not None, what="an epoch")
         assert process.poll() is None, "the run finished before the signal: make LONG_RUN longer"
         (job,) = job_ids(sweep)
@@ -186,8 +193,6 @@ def test_a_preempted_job_is_requeued_and_ends_as_if_never_stopped(slurm, data, t
         baseline = run_train(["seed=0", *long_run(data), f"hydra.run.dir={tmp_path / 'baseline'}"], data)
         assert baseline.returncode == 0, baseline.stderr[-3000:]
         _, stderr = process.communicate(timeout=240)
-    finally:
-        process.kill()
     assert process.returncode == 0, stderr[-3000:]
     (run,) = sweep.glob("0_*")
     log = (run / "train.log").read_text()
@@ -217,13 +222,10 @@ def test_a_job_with_a_bad_config_fails_the_sweep_with_its_one_line_error(slurm, 
 def test_a_job_cancelled_before_its_result_fails_the_sweep_instead_of_hanging(slurm, data, tmp_path):
     # without accounting submitit would wait for this job's result forever; squeue says it is over
     sweep = tmp_path / "sweep"
-    process = start_sweep(long_sweep(sweep, data, "seed=0"), data)
-    try:
+    with long_sweep_running(sweep, data) as process:
         wait_for(lambda: job_ids(sweep) or process.poll() is not None, what="the job's submission")
         subprocess.run(["scancel", *job_ids(sweep)], check=True)
         _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
     assert process.returncode == 1
     last = stderr.strip().splitlines()[-1]
     assert "ended without a result (state CANCELLED)" in last and "_log.err" in last, last
