@@ -58,13 +58,14 @@ sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess and bench_help liv
 
 from bench_help import cpu_seconds_of_others
 
+import alexnet_lab.train
 from alexnet_lab.cli import keep_freed_host_memory, load
 from alexnet_lab.config import LabConfig
 from alexnet_lab.data.augment import to_float
 from alexnet_lab.data.datamodule import ImageFolderDataModule, augment_in_chunks, upload_split
 from alexnet_lab.data.preprocess import build_cache, scan_folder
 from alexnet_lab.data.sampling import epoch_order, epoch_seed
-from alexnet_lab.module import AlexNetClassifier
+from alexnet_lab.module import AlexNetClassifier, optimizer_class
 from alexnet_lab.train import train
 
 DOWNSCALES = (16, 8, 4)
@@ -188,6 +189,12 @@ def compose(overrides: list[str]) -> Any:
         return hydra_compose("config", overrides=["run_name=bench", *overrides])
 
 
+def optimizer_of(cfg: Any, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """The module's optimizer for ``net``, without a schedule (the bench keeps the rate constant)."""
+    optim = plain(cfg.optim)
+    return optimizer_class(optim.pop("name"))(net.parameters(), **optim)
+
+
 def lightning_epochs(cfg: Any, work: Path, device: torch.device) -> tuple[list[Epoch], float]:
     """Train with ``alexnet_lab.train.train`` exactly as ``python train.py`` does, timing each epoch.
 
@@ -195,16 +202,15 @@ def lightning_epochs(cfg: Any, work: Path, device: torch.device) -> tuple[list[E
     test, final logging).
     """
     clock = EpochClock(device)
-    original = pl.Trainer
+    original = alexnet_lab.train.instantiate_group
 
-    class TimedTrainer(original):  # the one change: our clock among the callbacks
-        def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, callbacks=[clock, *(callbacks or [])], **kwargs)
+    def with_clock(group: str, specs: Any) -> list[Any]:  # the one change: our clock among the callbacks
+        return [clock, *original(group, specs)] if group == "callbacks" else original(group, specs)
 
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     started = time.perf_counter()
     quiet = io.StringIO()  # progress bars and Lightning's banners stay out of the table and the JSON
-    with mock.patch.object(pl, "Trainer", TimedTrainer), contextlib.redirect_stdout(quiet):
+    with mock.patch.object(alexnet_lab.train, "instantiate_group", with_clock), contextlib.redirect_stdout(quiet):
         with contextlib.redirect_stderr(quiet):
             metrics = train(cfg, run_dir)
     total = time.perf_counter() - started
@@ -228,7 +234,7 @@ class BareLoop:
         # the module only supplies the same net (channels-last) and optimizer; its steps are not used
         module = AlexNetClassifier(plain(self.cfg.model), plain(self.cfg.optim), self.dm.classes, self.dm.in_channels)
         self.net = module.net.to(self.device)
-        self.optimizer = module.configure_optimizers()
+        self.optimizer = optimizer_of(self.cfg, self.net)
         precision = str(self.cfg.trainer.precision)
         if precision not in ("32-true", "32", "bf16-mixed"):
             raise SystemExit(f"bench: trainer.precision={precision}: the bare loop knows 32-true and bf16-mixed only")
@@ -352,7 +358,7 @@ def step_seconds(
         model = {**plain(cfg.model), "downscale": downscale}
         module = AlexNetClassifier(model, plain(cfg.optim), dm.classes, dm.in_channels)
         net = module.net.to(device, memory_format=variant.memory_format)
-        optimizer = module.configure_optimizers()
+        optimizer = optimizer_of(cfg, net)
         nets[name] = (torch.compile(net, mode=variant.compile_mode) if variant.compile_mode else net, optimizer)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     first: dict[str, float] = {}
@@ -600,6 +606,8 @@ def main() -> None:
     if args.quick:  # a few batches per epoch: the same code paths, rough numbers
         base += ["+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]
     cfg = compose([*base, *args.overrides])
+    if int(cfg.trainer.max_epochs) < 2:  # the first epoch of every run is a warm-up, not counted
+        raise SystemExit(f"bench: trainer.max_epochs={cfg.trainer.max_epochs}: use 2 or more (default 3)")
     log("data: preparing the embedded data set (generated and preprocessed on first use) ...")
     dm = ImageFolderDataModule(load(cfg, LabConfig).data, seed=cfg.seed)
     dm.prepare_data()

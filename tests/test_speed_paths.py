@@ -7,6 +7,7 @@ tests marked ``gpu`` check the same on CUDA and skip without it (``scripts/gpu_c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, small_data, tiny_overrides
+from conftest import ROOT, compose_config, small_data, tiny_overrides
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -376,3 +377,24 @@ def test_gpu_bf16_mixed_trains(make_raw, tmp_path):
     raw = make_raw({"cat": 14, "dog": 8})
     module, _ = fit(make_datamodule(raw, tmp_path), epochs=1, accelerator="gpu", precision="bf16-mixed")
     assert math.isfinite(module.history[-1]["train/loss"])
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_reports_each_figure(tmp_path):
+    # the benchmark is not timed here, only run: it once broke silently when train() changed
+    overrides = [item for item in tiny_overrides(tmp_path) if not item.startswith("trainer.max_epochs")]
+    out = tmp_path / "bench.json"
+    bench = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", "--out", str(out)]
+    done = subprocess.run([*bench, "--downscales", "16", "--", *overrides], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout)
+    assert found == json.loads(out.read_text())
+    assert found["data"]["image_size"] == 64 and found["quick"] is True
+    for key in ("lightning_vs_bare", "lightning_vs_bare_aug", "channels_last_speedup", "bf16_speedup"):
+        assert list(found[key]) == ["d16"] and 0 < found[key]["d16"] < 10, (key, found[key])
+    for key in ("pipeline_overhead", "pipeline_overhead_bare"):
+        assert 0 <= found[key]["d16"] < 1, (key, found[key])
+    # three epochs per run, the first a warm-up: two measured epochs of each side
+    assert {side: len(seconds) for side, seconds in found["epoch_s"]["d16"].items()} == {"lightning": 2, "bare": 2}
+    assert found["preprocess_vs_naive"] > 0
+    assert "d16" in done.stderr and "lightning img/s" in done.stderr, "the table goes to stderr with --json"
