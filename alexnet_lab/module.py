@@ -134,7 +134,7 @@ class AlexNetClassifier(pl.LightningModule):
         if images.dtype == torch.uint8:
             images = to_float(images)
         # in the weights' dtype: under 16-true or bf16-true Lightning casts the float inputs before this line
-        logits: torch.Tensor = self.net(images.to(self.dtype, memory_format=torch.channels_last))
+        logits: torch.Tensor = self.net(images.to(self.dtype).contiguous(memory_format=torch.channels_last))
         return logits
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
