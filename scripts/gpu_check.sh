@@ -91,15 +91,17 @@ fi
 
 # 1. the embedded data set (generated and preprocessed on first use), so later steps time training only
 step data 90 "$PYTHON" -c "
-from alexnet_lab.train import build_datamodule
 from hydra import compose, initialize_config_dir
-import alexnet_lab.train
+from alexnet_lab.cli import load
+from alexnet_lab.config import LabConfig
+from alexnet_lab.data.datamodule import ImageFolderDataModule
 with initialize_config_dir(config_dir='$ROOT/conf', version_base='1.3'):
     cfg = compose('config', overrides=['run_name=gpu_check', 'data.progress=false'])
-dm = build_datamodule(cfg); dm.prepare_data(); print(len(dm.cache), 'images in the cache')"
+dm = ImageFolderDataModule(load(cfg, LabConfig).data, seed=cfg.seed); dm.prepare_data(); dm.setup('fit')
+print(len(dm.cache), 'images in the cache')"
 
 # 2. the GPU tests (and the rest of the speed-path tests)
-step tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_speed_paths.py
+step tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_speed_paths.py
 
 # 3. the benchmark: Lightning vs bare on the GPU, bf16, channels-last, preprocessing
 step bench 120 "$PYTHON" scripts/bench.py --json --out "$OUT_DIR/bench.json" ${BENCH_ARGS:-}
