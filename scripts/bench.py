@@ -19,6 +19,14 @@ are noisy; ratios are of medians.
 - ``pipeline_overhead``: the fraction of a Lightning epoch spent outside the train and
   validation steps' forward/backward/step (sampling, batching, augmentation, hooks, metrics,
   logging, checkpoints); ``pipeline_overhead_bare``: the same for the bare loop (its data work).
+- ``epoch_overhead_ms``, ``step_overhead_ms`` (``_aug`` likewise): where a Lightning epoch's
+  extra time over the bare loop's (``difference_ms``) goes: per step (hooks, closure, the
+  module's metric updates), and per epoch by part (``data``: beyond the bare loop's same data
+  work; ``checkpoint``, ``progress_bar``, ``metrics_and_logging``: the module's epoch ends;
+  ``callbacks``: the other callbacks' hooks; ``validation_setup``; ``loop``: the rest, Lightning's
+  own code between its profiling points), timed in one more run with Lightning's profiler
+  hooks (``profiler_cost_ms``: how much slower that run was). ``steps_per_epoch``: train and
+  validation batches; the parts plus ``step_overhead_ms`` times it make ``difference_ms``.
 - ``channels_last_speedup``, ``bf16_speedup``: training steps per second (forward, backward,
   step on a fixed batch) with channels-last against channels-first, and with bf16 autocast
   (what ``trainer.precision=bf16-mixed`` does) against float32, both channels-last; on a GPU
@@ -42,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +61,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from pytorch_lightning.profilers import Profiler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess and bench_help live next to this file
@@ -129,6 +139,8 @@ class Epoch:
     step_seconds: float  # of which inside the train and validation steps' forward/backward/step
     images: int  # training images seen
     page_faults: int  # minor page faults of this process in the epoch (memory mapped afresh from the OS)
+    started: float = 0.0  # time.perf_counter() at its start
+    steps: int = 0  # training and validation batches
 
     @property
     def rate(self) -> float:
@@ -136,7 +148,12 @@ class Epoch:
 
 
 class EpochClock(pl.Callback):
-    """Times every training epoch of a fit, and the steps inside it (listed before Lightning's own callbacks)."""
+    """Times every training epoch of a fit, and the steps inside it.
+
+    A step is timed from the last callback's batch-start hook (:attr:`starter`, listed last) to
+    the first one's batch-end hook (this clock, listed first), so the other callbacks' per-batch
+    hooks count outside the steps, as in the bare loop.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -145,13 +162,17 @@ class EpochClock(pl.Callback):
         self._steps = StepClock(device)
         self._images = 0
         self._faults = 0
+        self._count = 0
+        self.starter = StepStart(self)
 
     def _close(self) -> None:
         now, faults = wall(self.device), page_faults()
         if self._epoch_start is not None:
-            seconds = now - self._epoch_start
-            self.epochs.append(Epoch(seconds, self._steps.total(), self._images, faults - self._faults))
+            seconds, steps = now - self._epoch_start, self._steps.total()
+            epoch = Epoch(seconds, steps, self._images, faults - self._faults, self._epoch_start, self._count)
+            self.epochs.append(epoch)
         self._epoch_start, self._steps, self._images, self._faults = now, StepClock(self.device), 0, faults
+        self._count = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -159,19 +180,120 @@ class EpochClock(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
 
-    # batch hooks run after the batch reached the device and was augmented, before the progress bar
-    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, index: int) -> None:
+    def start_step(self, images: int) -> None:
         self._steps.start()
-        self._images += len(batch[1])
+        self._images += images
+        self._count += 1
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._steps.stop()
 
-    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
-        self._steps.start()
-
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._steps.stop()
+
+
+class StepStart(pl.Callback):
+    """The start of each step for an :class:`EpochClock`: batch hooks run after the batch reached the device
+    and was augmented."""
+
+    def __init__(self, clock: EpochClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, index: int) -> None:
+        self.clock.start_step(len(batch[1]))
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.clock.start_step(0)
+
+
+class HookTimes(Profiler):
+    """Lightning's own profiling points, timed: where a Lightning epoch's time goes.
+
+    Lightning wraps every hook, step, batch transfer and ``next()`` on a loader in its profiler
+    (nested: an optimizer step inside a training batch inside the epoch). Kept: each action
+    that no other action except the epoch itself encloses, with its start and seconds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open: list[tuple[str, float]] = []
+        self.events: list[tuple[str, float, float]] = []  # (action, started, seconds)
+
+    def start(self, action_name: str) -> None:
+        self._open.append((action_name, time.perf_counter()))
+
+    def stop(self, action_name: str) -> None:
+        name, started = self._open.pop()  # Lightning's actions are context managers: last in, first out
+        if all(outer == "run_training_epoch" for outer, _ in self._open) and name != "run_training_epoch":
+            self.events.append((name, started, time.perf_counter() - started))
+
+    def summary(self) -> str:
+        return ""
+
+
+#: the parts of a Lightning epoch, by Lightning's action names (the first that matches wins)
+PARTS: dict[str, Callable[[str], bool]] = {
+    "steps": lambda action: action == "run_training_batch" or action.endswith(".validation_step"),
+    "data": lambda action: action.endswith(("_dataloader_next", "].val_next", ".batch_to_device", "_dataloader")),
+    "checkpoint": lambda action: "ModelCheckpoint" in action or action == "save_checkpoint",
+    "progress_bar": lambda action: "ProgressBar" in action,
+    "metrics_and_logging": lambda action: action.startswith("[LightningModule]") and action.endswith("_epoch_end"),
+    "callbacks": lambda action: action.startswith("[Callback]"),
+    "validation_setup": lambda action: True,  # the module's, strategy's and datamodule's other hooks
+}
+
+
+def part_of(action: str) -> str:
+    return next(part for part, matches in PARTS.items() if matches(action))
+
+
+def parts_ms(epochs: list[Epoch], events: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Median milliseconds per epoch of each part of ``epochs`` (a profiled run's)."""
+    per_epoch = []
+    for epoch in epochs:
+        parts = dict.fromkeys(PARTS, 0.0)
+        for action, started, seconds in events:
+            if epoch.started <= started < epoch.started + epoch.seconds:
+                parts[part_of(action)] += seconds * 1000
+        per_epoch.append(parts)
+    return {part: statistics.median(parts[part] for parts in per_epoch) for part in PARTS}
+
+
+#: what :func:`overhead_ms` returns, each a key of ``bench.py --json`` (per config, as the ratios)
+OVERHEAD_KEYS = ("epoch_overhead_ms", "step_overhead_ms", "steps_per_epoch", "difference_ms", "profiler_cost_ms")
+
+
+def overhead_ms(cfg: Any, work: Path, device: torch.device, light: list[Epoch], bare: list[Epoch]) -> dict[str, Any]:
+    """Where the Lightning epochs' extra time over the bare ones goes: per step, and per epoch by part.
+
+    ``step_overhead_ms``: a Lightning step (hooks, closure, the module's metric updates) minus a
+    bare one, from the timed runs. ``epoch_overhead_ms``: each part's milliseconds per epoch in
+    one more Lightning run with its actions timed (``data`` minus the bare loop's same data
+    work), and ``loop``, the rest of the measured difference: Lightning's code between its
+    profiling points (loop bookkeeping, logger writes). So the parts and ``step_overhead_ms``
+    times ``steps_per_epoch`` add up to ``difference_ms``; the smaller ``loop``, the more of
+    it is placed. ``profiler_cost_ms``: how much slower the timed run's epochs were.
+    """
+    hooks = HookTimes()
+    profiled, _ = lightning_epochs(cfg, work, device, hooks)
+    parts = parts_ms(profiled, hooks.events)
+
+    def median_ms(epochs: list[Epoch], value: Callable[[Epoch], float]) -> float:
+        return statistics.median(value(epoch) for epoch in epochs) * 1000
+
+    steps = statistics.median(epoch.steps for epoch in bare)
+    step_overhead = (median_ms(light, lambda e: e.step_seconds) - median_ms(bare, lambda e: e.step_seconds)) / steps
+    difference = median_ms(light, lambda e: e.seconds) - median_ms(bare, lambda e: e.seconds)
+    epoch_overhead = {part: ms for part, ms in parts.items() if part != "steps"}
+    epoch_overhead["data"] -= median_ms(bare, lambda e: e.seconds - e.step_seconds)
+    epoch_overhead["loop"] = difference - step_overhead * steps - sum(epoch_overhead.values())
+    return {
+        "epoch_overhead_ms": epoch_overhead,
+        "step_overhead_ms": step_overhead,
+        "steps_per_epoch": steps,
+        "difference_ms": difference,
+        "profiler_cost_ms": median_ms(profiled, lambda e: e.seconds) - median_ms(light, lambda e: e.seconds),
+    }
 
 
 # ----------------------------------------------------------------------------- the two contenders
@@ -195,23 +317,31 @@ def optimizer_of(cfg: Any, net: torch.nn.Module) -> torch.optim.Optimizer:
     return optimizer_class(optim.pop("name"))(net.parameters(), **optim)
 
 
-def lightning_epochs(cfg: Any, work: Path, device: torch.device) -> tuple[list[Epoch], float]:
+def lightning_epochs(
+    cfg: Any, work: Path, device: torch.device, profiler: HookTimes | None = None
+) -> tuple[list[Epoch], float]:
     """Train with ``alexnet_lab.train.train`` exactly as ``python train.py`` does, timing each epoch.
 
     Returns the epochs after the first, and the run's seconds outside its epochs (setup,
-    test, final logging).
+    test, final logging). With ``profiler``, Lightning's actions are timed too (slower).
     """
     clock = EpochClock(device)
-    original = alexnet_lab.train.instantiate_group
+    original, arguments = alexnet_lab.train.instantiate_group, alexnet_lab.train.trainer_arguments
 
     def with_clock(group: str, specs: Any) -> list[Any]:  # the one change: our clock among the callbacks
-        return [clock, *original(group, specs)] if group == "callbacks" else original(group, specs)
+        return [clock, *original(group, specs), clock.starter] if group == "callbacks" else original(group, specs)
+
+    def with_profiler(trainer: Any) -> dict[str, Any]:
+        return {**arguments(trainer), "profiler": profiler} if profiler else arguments(trainer)
 
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     started = time.perf_counter()
     quiet = io.StringIO()  # progress bars and Lightning's banners stay out of the table and the JSON
     with mock.patch.object(alexnet_lab.train, "instantiate_group", with_clock), contextlib.redirect_stdout(quiet):
-        with contextlib.redirect_stderr(quiet):
+        with (
+            contextlib.redirect_stderr(quiet),
+            mock.patch.object(alexnet_lab.train, "trainer_arguments", with_profiler),
+        ):
             metrics = train(cfg, run_dir)
     total = time.perf_counter() - started
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -270,6 +400,7 @@ class BareLoop:
         order = epoch_order(dm.train_idx, cache.labels, epoch=epoch, seed=dm.seed, balance=dm.data.balance)
         generator = torch.Generator(device=self.device).manual_seed(epoch_seed(dm.seed, epoch))
         self.net.train()
+        count = 0
         for images, labels in self._batches("train", order, dm.data.batch_size):
             images, labels = to_float(images.to(self.device)), labels.to(self.device)
             if dm.data.augment:
@@ -280,6 +411,7 @@ class BareLoop:
             self.optimizer.step()
             self.optimizer.zero_grad()
             steps.stop()
+            count += 1
         self.net.eval()
         with torch.no_grad():
             for images, labels in self._batches("val", dm.val_idx, dm.eval_batch_size_on(self.device)):
@@ -287,8 +419,9 @@ class BareLoop:
                 steps.start()
                 F.cross_entropy(self._forward(images), labels)
                 steps.stop()
+                count += 1
         seconds = wall(self.device) - started
-        return Epoch(seconds, steps.total(), len(order), page_faults() - faults)
+        return Epoch(seconds, steps.total(), len(order), page_faults() - faults, steps=count)
 
 
 def compare(cfg: Any, dm: ImageFolderDataModule, work: Path, device: torch.device, rounds: int) -> dict[str, Any]:
@@ -310,6 +443,7 @@ def compare(cfg: Any, dm: ImageFolderDataModule, work: Path, device: torch.devic
                 bare += [loop.epoch(e) for e in range(epochs)][1:]  # the first is a warm-up, as above
     light_rate = statistics.median(e.rate for e in light)
     bare_rate = statistics.median(e.rate for e in bare)
+    overhead = overhead_ms(cfg, work, device, light, bare)
     return {
         "ratio": light_rate / bare_rate,
         "lightning_images_per_s": light_rate,
@@ -320,6 +454,7 @@ def compare(cfg: Any, dm: ImageFolderDataModule, work: Path, device: torch.devic
         "epoch_s": {"lightning": [e.seconds for e in light], "bare": [e.seconds for e in bare]},
         "page_faults": {"lightning": [e.page_faults for e in light], "bare": [e.page_faults for e in bare]},
         "others_cores": (cpu_seconds_of_others() - others_before) / (time.perf_counter() - started),
+        **overhead,
     }
 
 
@@ -548,6 +683,7 @@ def lightning_vs_bare(
                 "pipeline_overhead_bare": found["overhead_bare"],
                 "images_per_s": {"lightning": found["lightning_images_per_s"], "bare": found["bare_images_per_s"]},
                 "run_overhead_s": found["run_overhead_s"],
+                **{key: found[key] for key in OVERHEAD_KEYS},
             }
             for key, value in values.items():
                 result.setdefault(f"{key}{suffix}", {})[name] = value
@@ -572,6 +708,11 @@ def table(result: dict[str, Any], rows: list[tuple[str, dict[str, Any]]]) -> str
             f"{name:<9} {found['lightning_images_per_s']:>15.1f} {found['bare_images_per_s']:>11.1f}"
             f" {found['ratio']:>6.3f} {found['overhead']:>9.1%} {found['overhead_bare']:>14.1%}"
             f" {found['run_overhead_s']:>12.1f} {found['others_cores']:>13.2f}"
+        )
+        parts = ", ".join(f"{part} {ms:.1f}" for part, ms in found["epoch_overhead_ms"].items())
+        lines.append(
+            f"{'':<9} ours - bare = {found['difference_ms']:.1f} ms per epoch: {parts} ms,"
+            f" and {found['step_overhead_ms']:.2f} ms x {found['steps_per_epoch']:.0f} steps"
         )
     for key in ("channels_last_speedup", "bf16_speedup", "cudnn_benchmark_speedup"):
         if key in result:

@@ -7,6 +7,7 @@ tests marked ``gpu`` check the same on CUDA and skip without it (``scripts/gpu_c
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -35,6 +36,9 @@ from alexnet_lab.data.datamodule import (
 )
 from alexnet_lab.module import AlexNetClassifier, ConfusionCounts
 from alexnet_lab.train import train
+
+sys.path.insert(0, str(ROOT / "scripts"))
+bench = importlib.import_module("bench")  # scripts/bench.py, a script rather than a module of the package
 
 MODEL = {"arch": "notebook", "downscale": 16, "dropout": 0.0, "lrn": False}
 OPTIM = {"name": "Adam", "lr": 1e-3}
@@ -384,8 +388,10 @@ def test_the_benchmark_runs_and_reports_each_figure(tmp_path):
     # the benchmark is not timed here, only run: it once broke silently when train() changed
     overrides = [item for item in tiny_overrides(tmp_path) if not item.startswith("trainer.max_epochs")]
     out = tmp_path / "bench.json"
-    bench = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", "--out", str(out)]
-    done = subprocess.run([*bench, "--downscales", "16", "--", *overrides], capture_output=True, text=True, check=False)
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", "--out", str(out)]
+    done = subprocess.run(
+        [*command, "--downscales", "16", "--", *overrides], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout)
     assert found == json.loads(out.read_text())
@@ -397,4 +403,41 @@ def test_the_benchmark_runs_and_reports_each_figure(tmp_path):
     # three epochs per run, the first a warm-up: two measured epochs of each side
     assert {side: len(seconds) for side, seconds in found["epoch_s"]["d16"].items()} == {"lightning": 2, "bare": 2}
     assert found["preprocess_vs_naive"] > 0
+    # where the extra time goes: the tiny runs write checkpoints and metrics every epoch, show no progress bar
+    parts = found["epoch_overhead_ms"]["d16"]
+    assert list(parts) == [*(part for part in bench.PARTS if part != "steps"), "loop"]
+    assert parts["checkpoint"] > 0 and parts["metrics_and_logging"] > 0 and parts["progress_bar"] == 0
+    steps = found["steps_per_epoch"]["d16"]
+    assert steps == 3 + 1, "three training batches of 8 out of 20 images, one validation batch"
+    placed = sum(parts.values()) + found["step_overhead_ms"]["d16"] * steps
+    assert placed == pytest.approx(found["difference_ms"]["d16"], abs=0.01), "the parts make the difference"
     assert "d16" in done.stderr and "lightning img/s" in done.stderr, "the table goes to stderr with --json"
+
+
+def test_the_breakdown_keeps_what_only_the_epoch_encloses_and_names_its_part():
+    hooks = bench.HookTimes()
+    for action in ("run_training_epoch", "run_training_batch", "[Strategy]SingleDeviceStrategy.backward"):
+        hooks.start(action)
+    for action in ("[Strategy]SingleDeviceStrategy.backward", "run_training_batch"):
+        hooks.stop(action)
+    hooks.start("[Callback]ModelCheckpoint{'monitor': None}.on_train_epoch_end")
+    hooks.start("save_checkpoint")
+    hooks.stop("save_checkpoint")
+    hooks.stop("[Callback]ModelCheckpoint{'monitor': None}.on_train_epoch_end")
+    hooks.stop("run_training_epoch")
+    kept = [action for action, _, _ in hooks.events]
+    assert kept == ["run_training_batch", "[Callback]ModelCheckpoint{'monitor': None}.on_train_epoch_end"]
+    names = {
+        "run_training_batch": "steps",
+        "[Strategy]SingleDeviceStrategy.validation_step": "steps",
+        "[_TrainingEpochLoop].train_dataloader_next": "data",
+        "[_EvaluationLoop].val_next": "data",
+        "[Strategy]SingleDeviceStrategy.batch_to_device": "data",
+        "[Callback]ModelCheckpoint{'monitor': 'val/acc'}.on_train_epoch_end": "checkpoint",
+        "[Callback]RichProgressBar.on_train_batch_end": "progress_bar",
+        "[Callback]TQDMProgressBar.on_validation_batch_end": "progress_bar",
+        "[LightningModule]AlexNetClassifier.on_validation_epoch_end": "metrics_and_logging",
+        "[Callback]TensorBoardInspection.on_validation_batch_end": "callbacks",
+        "[LightningModule]AlexNetClassifier.on_validation_model_eval": "validation_setup",
+    }
+    assert {action: bench.part_of(action) for action in names} == names
