@@ -224,6 +224,10 @@ def trainer_arguments(trainer: Mapping[str, Any]) -> dict[str, Any]:
     return built
 
 
+#: why the divergence guard stops a run that diverged (a nan/inf loss, or one above the limit)
+DIVERGED = (EarlyStoppingReason.NON_FINITE_METRIC, EarlyStoppingReason.DIVERGENCE_THRESHOLD)
+
+
 def train(
     cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, parallel_jobs: int = 1
 ) -> dict[str, Any]:
@@ -277,11 +281,49 @@ def train(
     params = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     for logger in trainer.loggers:  # the whole config, not only the module's arguments
         logger.log_hyperparams(params)
+    fit(trainer, module, datamodule, resume_from, run_dir, overrides)
+    # under ddp_spawn, training ran in child processes: the history comes back in last.ckpt
+    history = module.history or (history_from_checkpoint(last) if last.exists() else [])
+    diverged = guard.stopping_reason in DIVERGED
+    if diverged:
+        log.warning("diverged at epoch %d: train loss %s; run stopped", len(history) - 1, history[-1].get("train/loss"))
+    trainer.test(module, datamodule=datamodule, ckpt_path="best" if best.best_model_path else None, verbose=False)
+    metrics = run_metrics(lab, history, trainer, module, datamodule.classes, diverged=diverged)
+    metrics.update(
+        wall_s=round(time.perf_counter() - started, 2),
+        best_checkpoint=best.best_model_path,
+        overrides=list(overrides or []),
+    )
+    log_results(trainer, params, metrics)
+    write_json(run_dir / "metrics.json", metrics)
+    log.info(
+        "%s in %.0f s: val acc %.3f (best %.3f), test acc %.3f, balanced %.3f -> %s",
+        metrics["status"] if diverged else "done",
+        metrics["wall_s"],
+        metrics["val_acc"],
+        metrics["val_acc_best"],
+        metrics["test_acc"],
+        metrics["test_balanced_acc"],
+        run_dir,
+    )
+    return metrics
+
+
+def fit(
+    trainer: pl.Trainer,
+    module: AlexNetClassifier,
+    datamodule: ImageFolderDataModule,
+    resume_from: str | None,
+    run_dir: Path,
+    overrides: list[str] | None,
+) -> None:
+    """``trainer.fit``; a run stopped by Ctrl-C or SIGTERM is recorded as ``interrupted`` and raises RunInterrupted."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except SystemExit:  # Lightning's graceful stop on Ctrl-C (exit 1) or SIGTERM
         if trainer.state.status != TrainerStatus.INTERRUPTED:
             raise
+        last = run_dir / "checkpoints" / "last.ckpt"
         epochs = len(history_from_checkpoint(last)) if last.exists() else 0
         write_json(
             run_dir / "metrics.json",
@@ -296,40 +338,16 @@ def train(
             f"interrupted after {epochs} finished epochs; rerun with resume=true to continue"
         ) from None
 
-    # under ddp_spawn, training ran in child processes: the history comes back in last.ckpt
-    history = module.history or (history_from_checkpoint(last) if last.exists() else [])
-    diverged = guard.stopping_reason in (
-        EarlyStoppingReason.NON_FINITE_METRIC,
-        EarlyStoppingReason.DIVERGENCE_THRESHOLD,
-    )
-    if diverged:
-        log.warning("diverged at epoch %d: train loss %s; run stopped", len(history) - 1, history[-1].get("train/loss"))
-    trainer.test(module, datamodule=datamodule, ckpt_path="best" if best.best_model_path else None, verbose=False)
-    metrics = run_metrics(lab, history, trainer, module, datamodule.classes, diverged=diverged)
-    metrics.update(
-        wall_s=round(time.perf_counter() - started, 2),
-        best_checkpoint=best.best_model_path,
-        overrides=list(overrides or []),
-    )
+
+def log_results(trainer: pl.Trainer, params: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """The final results to every logger (TensorBoard: with the config again, for its HPARAMS tab), then close them."""
     results = {f"hp/{key}": metrics[key] for key in HP_METRICS}
-    for logger in trainer.loggers:  # the final results reach every logger
-        if isinstance(logger, TensorBoardLogger):  # with the config again, for its HPARAMS tab
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics=results)
         else:
             logger.log_metrics(results, step=trainer.global_step)
         logger.finalize("success")
-    write_json(run_dir / "metrics.json", metrics)
-    log.info(
-        "%s in %.0f s: val acc %.3f (best %.3f), test acc %.3f, balanced %.3f -> %s",
-        metrics["status"] if diverged else "done",
-        metrics["wall_s"],
-        metrics["val_acc"],
-        metrics["val_acc_best"],
-        metrics["test_acc"],
-        metrics["test_balanced_acc"],
-        run_dir,
-    )
-    return metrics
 
 
 def run_metrics(
