@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
@@ -187,12 +188,8 @@ def _command_line_error(error: BaseException) -> str | None:
 
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):  # an override of the wrong type, or an unknown key
-        first = one_line(error)
-        where = (
-            first.removeprefix("Error merging override ")
-            if first.startswith("Error merging override ")
-            else (getattr(cause, "full_key", None) or first)
-        )
+        first, merging = one_line(error), "Error merging override "
+        where = first.removeprefix(merging) if first.startswith(merging) else getattr(cause, "full_key", None) or first
         return f"{where}: {one_line(cause)}"
     if isinstance(error, (HydraException, OmegaConfBaseException)):
         return " ".join(str(error).split()).split(" Config search path:")[0]
@@ -210,6 +207,10 @@ def run_command(main: Callable[[], Any]) -> None:
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"  # as Hydra reads it
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
     keep_freed_host_memory()
+    # a file name that is not UTF-8 (POSIX allows any bytes) is printed as it is on disk, not a crash
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     # pytorch-lightning 2.6 on torch >= 2.10 warns about its own use of torch's pytree API on every run
     warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated")
     try:
@@ -218,14 +219,12 @@ def run_command(main: Callable[[], Any]) -> None:
         if wants_traceback:
             raise
         if isinstance(error, LabError):  # a job of a multirun had bad input; its run dir records it
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            sys.exit(1)
+            fail(one_line(error), status=1)
         message = _command_line_error(error)
         if message is not None:
             fail(message)
         # a job of a multirun failed (recorded in its run dir), or something broke outside any run
-        print(f"error: {type(error).__name__}: {one_line(error)} (the run's log has the traceback)", file=sys.stderr)
-        sys.exit(1)
+        fail(f"{type(error).__name__}: {one_line(error)} (the run's log has the traceback)", status=1)
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -253,19 +252,7 @@ def quote_paths(argv: Sequence[str]) -> list[str]:
 
 #: Hydra's own options that take the next argument as their value.
 _HYDRA_VALUE_OPTIONS = frozenset(
-    {
-        "--cfg",
-        "-c",
-        "--package",
-        "-p",
-        "--config-path",
-        "-cp",
-        "--config-name",
-        "-cn",
-        "--config-dir",
-        "-cd",
-        "--experimental-rerun",
-    }
+    "--cfg -c --package -p --config-path -cp --config-name -cn --config-dir -cd --experimental-rerun".split()
 )
 _HYDRA_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
 

@@ -4,18 +4,10 @@
 tensors and plain data are unpickled, so a downloaded checkpoint cannot run code), checks
 that its weights fit the AlexNet its hyperparameters describe and builds the module from
 them. Images are preprocessed as in training, at the image size and colour mode stored
-in the checkpoint.
-
-Everything runs through Lightning, with the module's own metric code: ``evaluate_split`` is
-``Trainer.test`` (or ``validate``) on a split of the run's own data, rebuilt from the run
-dir's ``.hydra/config.yaml`` the way training built it, so its numbers equal the run's
-``metrics.json``. ``evaluate_folder`` is ``Trainer.test`` on every image of a folder in the
-ImageFolder layout, preprocessed by training's own cache builder (placeholders and
-unreadable files left out the same way), its class folders matched to the checkpoint's
-classes by name. ``predict`` is ``Trainer.predict`` over image files, each decoded by
-training's ``load_image`` (placeholder detection, which needs a whole folder, is not
-applied); files that cannot be read are reported, never raised. ``eval_main`` and
-``predict_main`` are what ``eval.py`` and ``predict.py`` run.
+in the checkpoint. Everything runs through Lightning, with the module's own metric code:
+``evaluate_split`` and ``evaluate_folder`` are ``Trainer.test`` (or ``validate``), ``predict``
+is ``Trainer.predict``; ``eval_main`` and ``predict_main`` are what ``eval.py`` and
+``predict.py`` run.
 """
 
 from __future__ import annotations
@@ -84,8 +76,9 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with every failure turned into one CheckpointError line."""
+def _read_checkpoint(ckpt: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The file ``ckpt`` names and ``torch.load(weights_only=True)`` of it, every failure one CheckpointError line."""
+    path = find_checkpoint(ckpt)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -111,7 +104,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} is not a Lightning checkpoint of alexnet_lab (no state_dict and hyper_parameters in it): "
             "pass a .ckpt written by train.py"
         )
-    return checkpoint
+    return path, checkpoint
 
 
 def _build_module(path: Path, checkpoint: dict[str, Any]) -> AlexNetClassifier:
@@ -127,17 +120,24 @@ def _build_module(path: Path, checkpoint: dict[str, Any]) -> AlexNetClassifier:
             f"{path}: its hyperparameters do not describe an alexnet_lab model ({_describe(err)}): "
             "pass a .ckpt written by train.py"
         ) from None
-    try:
-        module.load_state_dict(checkpoint["state_dict"], strict=True)
-    except (RuntimeError, TypeError) as err:  # torch lists every missing, unexpected or misshapen weight
-        problems = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+    problem = _weights_problem(module, checkpoint["state_dict"])
+    if problem is not None:
         described = ", ".join(f"{key}={value}" for key, value in model.items())
         raise CheckpointError(
             f"{path}: its weights do not fit the AlexNet its hyperparameters describe ({described}, "
-            f"{module.net.config.in_channels} channel(s), {len(classes)} classes): {problems[0][:200]}; "
+            f"{module.net.config.in_channels} channel(s), {len(classes)} classes): {problem[:200]}; "
             "was it saved by another architecture or edited?"
-        ) from None
+        )
     return module
+
+
+def _weights_problem(module: AlexNetClassifier, state_dict: Mapping[str, Any]) -> str | None:
+    """Load ``state_dict`` into ``module`` (strict); None if every weight fits, else torch's first complaint."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError) as err:  # torch lists every missing, unexpected or misshapen weight
+        return ([line.strip() for line in str(err).splitlines()[1:]] or [str(err)])[0]
+    return None
 
 
 def load_weights(module: AlexNetClassifier, ckpt: str | Path) -> Path:
@@ -146,21 +146,17 @@ def load_weights(module: AlexNetClassifier, ckpt: str | Path) -> Path:
     The checkpoint must hold the same net for the same classes: a mismatch is one line naming
     what differs, so that a fine-tuning run never starts from half-loaded weights.
     """
-    path = find_checkpoint(ckpt)
-    checkpoint = _read_checkpoint(path)
+    path, checkpoint = _read_checkpoint(ckpt)
     trained = checkpoint["hyper_parameters"]
     classes = list(trained.get("classes") or [])
     if classes != module.classes:
         raise CheckpointError(f"ckpt_path={path}: trained on classes {classes}, this data has {module.classes}")
-    try:
-        module.load_state_dict(checkpoint["state_dict"], strict=True)
-    except (RuntimeError, TypeError) as err:
-        problems = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+    problem = _weights_problem(module, checkpoint["state_dict"])
+    if problem is not None:
         described = ", ".join(f"model.{key}={value}" for key, value in dict(trained.get("model") or {}).items())
         raise CheckpointError(
-            f"ckpt_path={path}: its weights do not fit this model ({problems[0][:150]}); "
-            f"it was trained with {described}"
-        ) from None
+            f"ckpt_path={path}: its weights do not fit this model ({problem[:150]}); it was trained with {described}"
+        )
     return path
 
 
@@ -247,8 +243,7 @@ def load_trained(
     ``image_size`` and ``precision`` default to what the run used (stored in the checkpoint,
     else in the run dir's config); an impossible ``device`` or ``precision`` is a ConfigError.
     """
-    path = find_checkpoint(ckpt)
-    checkpoint = _read_checkpoint(path)
+    path, checkpoint = _read_checkpoint(ckpt)
     module = _build_module(path, checkpoint)
     # the run dir it belongs to (<run>/checkpoints/x.ckpt or <run>/x.ckpt), if it has a config
     run_dir = next((folder for folder in (path.parent.parent, path.parent) if (folder / RUN_CONFIG).is_file()), None)
@@ -266,17 +261,8 @@ def load_trained(
         precision = OmegaConf.select(run_config, "trainer.precision")  # as trained; else Lightning's default
     stored = checkpoint.get("preprocessing")
     fingerprint = stored.get("data_fingerprint") if isinstance(stored, dict) else None
-    model = TrainedModel(
-        module=module.eval(),
-        checkpoint=path,
-        run_dir=run_dir,
-        run_config=run_config,
-        image_size=size,
-        grayscale=grayscale,
-        device=str(device),
-        precision=precision,
-        data_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
-    )
+    fingerprint = fingerprint if isinstance(fingerprint, str) else None
+    model = TrainedModel(module.eval(), path, run_dir, run_config, size, grayscale, str(device), precision, fingerprint)
     try:  # an impossible device or precision fails here, in one line
         model.precision = model.trainer().precision  # as Lightning took it (16-mixed is bf16-mixed on a CPU)
     except Exception as err:  # Lightning's MisconfigurationException, ValueError or TypeError
@@ -384,22 +370,14 @@ def run_data_config(model: TrainedModel, run_config: DictConfig | None = None) -
         data.update(image_size=model.image_size, grayscale=model.grayscale)
     except OmegaConfBaseException as err:
         raise ConfigError(f"the data block of {model.checkpoint}'s run config does not fit: {one_line(err)}") from None
-    run_cwd = _run_cwd(model.run_dir) if run_config is None else None
+    run_cwd = None  # where the run was started (Hydra's runtime.cwd in its .hydra/hydra.yaml), if recorded
+    if run_config is None and model.run_dir is not None:
+        with contextlib.suppress(OSError, OmegaConfBaseException):
+            run_cwd = OmegaConf.select(OmegaConf.load(model.run_dir / ".hydra" / "hydra.yaml"), "hydra.runtime.cwd")
     for key in ("raw_dir", "cache_dir"):  # relative to where training ran, not to where this runs
-        if run_cwd is not None and isinstance(data.get(key), str):
-            data[key] = str(run_cwd / data[key])
+        if isinstance(run_cwd, str) and isinstance(data.get(key), str):
+            data[key] = str(Path(run_cwd) / data[key])
     return load(OmegaConf.create(data), DataConfig, "data")
-
-
-def _run_cwd(run_dir: Path | None) -> Path | None:
-    """The directory a run was started in (Hydra's ``runtime.cwd`` in its .hydra/hydra.yaml), if recorded."""
-    if run_dir is None:
-        return None
-    try:
-        cwd = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"), "hydra.runtime.cwd")
-    except (OSError, OmegaConfBaseException):
-        return None
-    return Path(cwd) if isinstance(cwd, str) else None
 
 
 def evaluate_split(
@@ -430,13 +408,6 @@ def evaluate_split(
     return Evaluation(
         str(model.checkpoint), f"{split} split of {datamodule.raw_dir}", model.classes, confusion, loss, note=note
     )
-
-
-def _discarded_files(cache_path: Path, raw_dir: Path) -> list[tuple[str, str]]:
-    """(file, reason) of every file the cache left out, from its manifest."""
-    with open(cache_path / "manifest.csv", newline="") as handle:
-        rows = csv.DictReader(handle)
-        return [(str(raw_dir / row["path"]), row["reason"]) for row in rows if row["status"] != "kept"]
 
 
 def evaluate_folder(
@@ -475,14 +446,8 @@ def evaluate_folder(
     # uint8 (B, C, S, S) batches in cache order, read from the memory-mapped cache a batch at a time
     batches = DataLoader(images, sampler=BatchSampler(SequentialSampler(images), batch_size, False), batch_size=None)
     confusion, loss = _run_stage(model, "test", dataloaders=batches)
-    return Evaluation(
-        str(model.checkpoint),
-        str(raw_dir),
-        model.classes,
-        confusion,
-        loss,
-        skipped=_discarded_files(cache.path, raw_dir),
-    )
+    skipped = [(str(raw_dir / path), reason) for path, reason in cache.discarded]  # every file left out, and why
+    return Evaluation(str(model.checkpoint), str(raw_dir), model.classes, confusion, loss, skipped=skipped)
 
 
 def evaluate(
@@ -525,16 +490,11 @@ def image_paths(inputs: str | Path | Iterable[str | Path]) -> list[tuple[Path, s
         path = Path(item).expanduser()
         if path.is_dir():
             names = glob.glob("**", root_dir=path, recursive=True)  # "**" skips hidden names
-            files = sorted(
-                path / name
-                for name in names
-                if os.path.splitext(name)[1].lower() in preprocess.IMAGE_EXTENSIONS and not (path / name).is_dir()
-            )
+            images = [name for name in names if os.path.splitext(name)[1].lower() in preprocess.IMAGE_EXTENSIONS]
+            files = sorted(path / name for name in images if not (path / name).is_dir())
             found += [(file, "") for file in files] or [(path, "no image files in this folder")]
-        elif path.exists():
-            found.append((path, ""))
         else:
-            found.append((path, "no such file or folder"))
+            found.append((path, "" if path.exists() else "no such file or folder"))
     return found
 
 
@@ -573,18 +533,18 @@ def predict(
     """Predicted class and its probability for each image file (folders expand to their images).
 
     ``ckpt`` is a .ckpt file, a run dir or a :class:`TrainedModel`; ``options`` go to
-    :func:`load_trained` (device, image_size, precision). A file that cannot be read gives
-    a Prediction with ``error`` set; this never raises for bad images.
+    :func:`load_trained` (device, image_size, precision). Each file is decoded by training's
+    ``load_image`` (placeholder detection, which needs a whole folder, is not applied); a file
+    that cannot be read gives a Prediction with ``error`` set; this never raises for bad images.
     """
     model = _as_model(ckpt, **options)
     entries = image_paths(images)
     files = ImageFiles([path for path, reason in entries if not reason], model.image_size, model.grayscale)
     rows: dict[Path, np.ndarray] = {}  # file -> (num_classes,) probabilities
     if len(files):
+        loader = DataLoader(files, batch_size=batch_size)
         with _quiet():
-            batches = cast(
-                list[torch.Tensor], model.trainer().predict(model.module, DataLoader(files, batch_size=batch_size))
-            )
+            batches = cast(list[torch.Tensor], model.trainer().predict(model.module, loader))
         rows = dict(zip(files.paths, torch.cat(batches).numpy(), strict=True))
     results = []
     for path, reason in entries:
@@ -604,22 +564,13 @@ def write_predictions_csv(predictions: Sequence[Prediction], out: str | Path, cl
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:  # names as on disk
         writer = csv.writer(handle)
         writer.writerow(["path", "prediction", "probability", *(f"p_{name}" for name in classes), "error"])
-        for row in predictions:
-            if row.ok:
-                writer.writerow(
-                    [
-                        row.path,
-                        row.label,
-                        f"{row.probability:.6f}",
-                        *(f"{row.probabilities[name]:.6f}" for name in classes),
-                        "",
-                    ]
-                )
-            else:
-                writer.writerow([row.path, "", "", *([""] * len(classes)), row.error])
+        for row in predictions:  # a skipped file: its path and error, the other cells empty
+            numbers = [row.probability, *(row.probabilities[name] for name in classes)] if row.ok else []
+            cells = [f"{number:.6f}" for number in numbers] or [""] * (1 + len(classes))
+            writer.writerow([row.path, row.label or "", *cells, "" if row.ok else row.error])
     tmp.replace(out)
     return out
 
@@ -637,21 +588,12 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
     counts = Counter(row.label for row in predictions if row.ok)
     done = sum(counts.values())
     per_class = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
-    lines.append(
-        f"{done} of {len(predictions)} files predicted"
-        + (f" ({per_class})" if per_class else "")
-        + (f", {len(predictions) - done} skipped" if done < len(predictions) else "")
-    )
+    skipped = f", {len(predictions) - done} skipped" if done < len(predictions) else ""
+    lines.append(f"{done} of {len(predictions)} files predicted" + (f" ({per_class})" if per_class else "") + skipped)
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command lines
-
-
-def default_eval_path(model: TrainedModel, data_name: str) -> Path:
-    """eval_<checkpoint>_<data>.json in the run dir, or beside the checkpoint without one."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", data_name).strip("_") or "data"
-    return (model.run_dir or model.checkpoint.parent) / f"eval_{model.checkpoint.stem}_{safe}.json"
 
 
 def _load_for(cfg: EvalConfig | PredictConfig) -> TrainedModel:
@@ -673,20 +615,16 @@ def eval_main(cfg: EvalConfig) -> Evaluation:
     model = _load_for(cfg)
     if cfg.data is not None:
         data = cfg.data
-        result = evaluate_folder(
-            model,
-            data.raw_dir,
-            cache_dir=data.cache_dir,
-            discard=data.discard,
-            workers=data.workers,
-            progress=data.progress,
-            batch_size=cfg.batch_size,
-        )
+        folder = {key: getattr(data, key) for key in ("cache_dir", "discard", "workers", "progress")}
+        result = evaluate_folder(model, data.raw_dir, batch_size=cfg.batch_size, **folder)
         name = Path(data.raw_dir).name
     else:
         result, name = evaluate_split(model, cfg.split), cfg.split
     print(result.report())
-    out = Path(cfg.out).expanduser() if cfg.out else default_eval_path(model, name)
+    # by default eval_<checkpoint>_<data>.json in the run dir, or beside the checkpoint without one
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "data"
+    default = (model.run_dir or model.checkpoint.parent) / f"eval_{model.checkpoint.stem}_{safe}.json"
+    out = Path(cfg.out).expanduser() if cfg.out else default
     _write_out(out, lambda path: write_json(path, result.to_dict()))
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import pathlib
 import shutil
 import subprocess
@@ -55,8 +56,8 @@ def _metrics(run_dir: Path) -> dict:
 
 
 def _break_files(raw: Path) -> list[Path]:
-    """A non-image and an empty file among the good ones."""
-    broken = raw / "dog" / "broken.jpg"
+    """A non-image (its name not UTF-8: POSIX allows any bytes) and an empty file among the good ones."""
+    broken = raw / "dog" / os.fsdecode(b"broken_caf\xe9.jpg")
     broken.write_bytes(b"this is not a JPEG")
     empty = raw / "cat" / "empty.png"
     empty.write_bytes(b"")
@@ -372,7 +373,13 @@ def test_import_alexnet_lab_stays_cheap_and_predict_is_at_top_level():
 
 def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",  # file names that are not UTF-8 come back as they are on disk
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},  # as on a UTF-8 terminal: no silent escaping
+        timeout=300,
     )
 
 
@@ -407,8 +414,10 @@ def test_predict_py_prints_a_table_writes_csv_and_fails_clearly_on_a_bad_checkpo
     args = [f"ckpt_path={trained_run}", *images, str(raw / "dog"), "out=preds.csv"]
     result = _run("predict.py", args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped: " in result.stdout and "broken.jpg" in result.stdout and "Traceback" not in result.stderr
-    rows = list(csv.DictReader((tmp_path / "preds.csv").open()))
+    assert "skipped: " in result.stdout and "broken_caf" in result.stdout and "Traceback" not in result.stderr
+    with (tmp_path / "preds.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [os.fsencode(row["path"]).endswith(b"broken_caf\xe9.jpg") for row in rows] == [False, False, True, False]
     assert [row["error"] == "" for row in rows] == [True, True, False, True]
 
     bad = tmp_path / "bad.ckpt"

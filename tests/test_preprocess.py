@@ -283,7 +283,8 @@ def test_dirty_folder_every_file_has_the_expected_fate(dirty) -> None:
     assert cache.classes == ["cat", "dog"]
     kept = [path for path, fate in expected.items() if fate == KEPT]
     assert len(cache) == len(kept) == 26 and sorted(cache.files) == sorted(kept)
-    assert cache.discarded == len(expected) - len(kept)
+    assert len(cache.discarded) == len(expected) - len(kept)
+    assert dict(cache.discarded) == {row["path"]: row["reason"] for row in rows if row["status"] != "kept"}
     for row in rows:
         top = row["path"].split("/")[0]
         assert row["label"] == (top if top in ("cat", "dog") else "")

@@ -67,49 +67,13 @@ PREPROCESS_VERSION = 2
 # Extensions that name an image; a file with another (or no) extension is still decoded if its
 # content is an image, but text content in it is then "not data" rather than a broken download.
 IMAGE_EXTENSIONS = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".webp",
-        ".tif",
-        ".tiff",
-        ".ppm",
-        ".pgm",
-        ".ico",
-        ".jp2",
-        ".j2k",
-        ".avif",
-    }
+    ".jpg .jpeg .jpe .jfif .png .bmp .gif .webp .tif .tiff .ppm .pgm .ico .jp2 .j2k .avif".split()
 )
 # Pillow formats a file may be decoded as. Others are left out on purpose: some (TGA, PCD, ...)
 # have no magic bytes and would "recognise" random garbage as a picture.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "ICO", "JPEG2000", "AVIF")
 TEXT_EXTENSIONS = frozenset(
-    {
-        ".txt",
-        ".md",
-        ".rst",
-        ".csv",
-        ".tsv",
-        ".json",
-        ".jsonl",
-        ".xml",
-        ".html",
-        ".htm",
-        ".log",
-        ".yaml",
-        ".yml",
-        ".ini",
-        ".cfg",
-        ".py",
-        ".sh",
-        ".url",
-    }
+    ".txt .md .rst .csv .tsv .json .jsonl .xml .html .htm .log .yaml .yml .ini .cfg .py .sh .url".split()
 )
 SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})  # lower case
 # None = the platform's default (multiprocessing.set_start_method applies); "spawn" also works.
@@ -181,16 +145,12 @@ class Cache:
     image_size: int  # S, pixels
     grayscale: bool  # C = 1 if True else 3
     fingerprint: str  # sha256 hex prefix of files and settings
-    discarded: int  # files seen but not kept
+    discarded: list[tuple[str, str]]  # (relative path, reason) of every file seen but not kept, from the manifest
     meta: dict[str, Any] = field(default_factory=dict)  # meta.json: counts, reasons, groups, timings
     built: bool = False  # True if this call built it, False if it was there already
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def channels(self) -> int:
-        return int(self.images.shape[1])
 
 
 # ----------------------------------------------------------------------------- images
@@ -209,12 +169,9 @@ def _fit(image: Image.Image, size: int) -> Image.Image:
 
 def _pad(image: Image.Image, size: int, fill: int = _FILL) -> Image.Image:
     """Centre `image` (long side == size) on a size x size canvas of `fill`."""
-    if image.size == (size, size):
-        return image
-    bands = len(image.getbands())
-    canvas = Image.new(image.mode, (size, size), fill if bands == 1 else (fill,) * bands)
-    canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
-    return canvas
+    left, top = (size - image.width) // 2, (size - image.height) // 2
+    border = (left, top, size - image.width - left, size - image.height - top)
+    return ImageOps.expand(image, border, (fill,) * len(image.getbands()))
 
 
 def letterbox(image: Image.Image, size: int, fill: int = _FILL) -> Image.Image:
@@ -289,11 +246,8 @@ def _open_upright(path: Path, size: int, mode: str, max_image_pixels: int) -> Im
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
-    """(S, S) or (S, S, 3) Pillow image -> uint8 (C, S, S)."""
-    pixels = np.asarray(image, dtype=np.uint8)
-    if pixels.ndim == 2:
-        return np.array(pixels[None])  # (1, S, S), a copy
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
+    """(S, S) or (S, S, 3) Pillow image -> uint8 (C, S, S), a writable C-contiguous copy."""
+    return np.array(np.atleast_3d(np.asarray(image, dtype=np.uint8)).transpose(2, 0, 1), order="C")
 
 
 def load_image(
@@ -633,7 +587,8 @@ def load_cache(path: Path) -> Cache:
         images = np.load(path / "images.npy", mmap_mode="r")
         labels = np.load(path / "labels.npy")
         with open(path / "manifest.csv", newline="", encoding="utf-8", errors=_ERRORS) as handle:
-            kept = [row for row in csv.DictReader(handle) if row["status"] == "kept"]
+            rows = list(csv.DictReader(handle))
+        kept = [row for row in rows if row["status"] == "kept"]
         kept.sort(key=lambda row: int(row["index"]))
         size = int(meta["image_size"])
         channels = 1 if meta["grayscale"] else 3
@@ -658,7 +613,7 @@ def load_cache(path: Path) -> Cache:
         image_size=size,
         grayscale=bool(meta["grayscale"]),
         fingerprint=str(meta["fingerprint"]),
-        discarded=int(meta["discarded"]),
+        discarded=[(row["path"], row["reason"]) for row in rows if row["status"] != "kept"],
         meta=meta,
     )
 
@@ -681,8 +636,7 @@ def _decode_all(
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
     workers = min(workers, len(chunks))
     if workers <= 1:
-        for part in chunks:
-            yield _decode_chunk(part, size, grayscale, rules)
+        yield from (_decode_chunk(part, size, grayscale, rules) for part in chunks)
         return
     # The platform's start method (fork on Linux up to Python 3.13: cheap, and a script without
     # a __main__ guard still works; forkserver/spawn elsewhere, which the top-level worker allows).
@@ -918,7 +872,7 @@ def format_report(cache: Cache, seconds: float | None = None) -> str:
         f"  {timing}" + (f"; this run took {seconds:.2f} s" if seconds is not None else ""),
         f"  files seen: {meta.get('files_seen', '?')}",
         f"  kept: {len(cache)} ({kept})",
-        f"  discarded: {cache.discarded}",
+        f"  discarded: {len(cache.discarded)}",
     ]
     by_reason = meta.get("discarded_by_reason", {})
     width = max((len(reason) for reason in by_reason), default=0)
