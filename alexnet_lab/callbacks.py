@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -99,8 +99,7 @@ def history_from_checkpoint(path: str | Path) -> list[dict[str, float]]:
 # ----------------------------------------------------------------------------- TensorBoard pictures
 
 
-@dataclass(frozen=True)
-class WrongSamples:
+class WrongSamples(NamedTuple):
     """The most confidently wrong images seen so far, on the device, most confident first."""
 
     images: torch.Tensor  # uint8 (k, C, S, S)
@@ -121,19 +120,13 @@ def keep_most_confident_wrong(
     confidence, predicted = logits.detach().float().softmax(dim=1).max(dim=1)
     score = torch.where(predicted != labels, confidence, torch.full_like(confidence, -1.0))
     top = score.topk(min(k, score.numel())).indices
-    batch = WrongSamples(
-        images=(images[top].detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8),
-        score=score[top],
-        predicted=predicted[top],
-        true=labels[top],
-    )
+    pixels = (images[top].detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+    batch = WrongSamples(pixels, score[top], predicted[top], labels[top])
     if kept is None:
         return batch
-    old = (kept.images, kept.score, kept.predicted, kept.true)
-    new = (batch.images, batch.score, batch.predicted, batch.true)
-    images, score, predicted, true = (torch.cat(pair) for pair in zip(old, new, strict=True))  # 2k candidates
-    top = score.topk(min(k, score.numel())).indices
-    return WrongSamples(images[top], score[top], predicted[top], true[top])
+    merged = WrongSamples(*(torch.cat(pair) for pair in zip(kept, batch, strict=True)))  # 2k candidates
+    top = merged.score.topk(min(k, merged.score.numel())).indices
+    return WrongSamples(*(part[top] for part in merged))
 
 
 def confusion_image(confusion: np.ndarray, classes: list[str], title: str) -> Figure:
@@ -145,16 +138,9 @@ def confusion_image(confusion: np.ndarray, classes: list[str], title: str) -> Fi
     axes = figure.add_subplot()
     shown = axes.imshow(row_share, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
-    for i in range(n):
-        for j in range(n):
-            axes.text(
-                j,
-                i,
-                f"{int(confusion[i, j])}",
-                ha="center",
-                va="center",
-                color="white" if row_share[i, j] > 0.5 else "black",
-            )
+    for i, j in np.ndindex(n, n):
+        colour = "white" if row_share[i, j] > 0.5 else "black"
+        axes.text(j, i, f"{int(confusion[i, j])}", ha="center", va="center", color=colour)
     axes.set_xticks(range(n), classes, rotation=45 if n > 4 else 0)
     axes.set_yticks(range(n), classes)
     axes.set_xlabel("predicted")
@@ -166,8 +152,7 @@ def confusion_image(confusion: np.ndarray, classes: list[str], title: str) -> Fi
 def wrong_grid_image(wrong: WrongSamples, classes: list[str], title: str) -> Figure:
     """A grid of the wrong images in ``wrong`` (right ones dropped), titled with predicted and true class."""
     keep = (wrong.score >= 0).cpu().numpy()
-    images = wrong.images.cpu().numpy()[keep]  # (n, C, S, S) uint8
-    score, predicted, true = (part.cpu().numpy()[keep] for part in (wrong.score, wrong.predicted, wrong.true))
+    images, score, predicted, true = (part.cpu().numpy()[keep] for part in wrong)  # images: (n, C, S, S) uint8
     columns = 4
     rows = max(1, -(-len(images) // columns))
     figure = Figure(figsize=(2.4 * columns, 2.6 * rows + 0.4), dpi=100, layout="constrained")
@@ -205,15 +190,9 @@ class TensorBoardInspection(pl.Callback):
             writer.add_custom_scalars(chart_layout(classifier(pl_module).classes))
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._wrong["val"] = None  # keep the last epoch's only
+        self._wrong["test" if trainer.testing else "val"] = None  # keep the last epoch's only
 
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._wrong["test"] = None
-
-    def _keep(self, stage: str, trainer: pl.Trainer, logits: torch.Tensor, batch: Any) -> None:
-        if not trainer.sanity_checking and self._writer(trainer) is not None:
-            images, labels = batch
-            self._wrong[stage] = keep_most_confident_wrong(self._wrong.get(stage), images, logits, labels, self.k)
+    on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_batch_end(
         self,
@@ -224,18 +203,13 @@ class TensorBoardInspection(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._keep("val", trainer, outputs, batch)
+        """Merge the batch's logits (``outputs``) into the stage's running top-k of wrong predictions."""
+        if not trainer.sanity_checking and self._writer(trainer) is not None:
+            images, labels = batch
+            stage = "test" if trainer.testing else "val"
+            self._wrong[stage] = keep_most_confident_wrong(self._wrong.get(stage), images, outputs, labels, self.k)
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._keep("test", trainer, outputs, batch)
+    on_test_batch_end = on_validation_batch_end
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -305,7 +279,7 @@ class SweepReport(Callback):
         self.jobs = _sweep_size(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if _is_multirun(config):
+        if config.hydra.get("mode") in (RunMode.MULTIRUN, "MULTIRUN"):
             sweep_dir = Path(config.hydra.sweep.dir)
             done = sum((path / "metrics.json").is_file() for path in sweep_dir.iterdir() if path.is_dir())
             total = max(self.jobs or done, done)
@@ -340,9 +314,3 @@ def _sweep_size(config: DictConfig) -> int | None:
         return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
     except Exception:  # another sweeper, or overrides it expands its own way: "k jobs so far"
         return None
-
-
-def _is_multirun(config: DictConfig) -> bool:
-    from hydra.types import RunMode
-
-    return config.hydra.get("mode") in (RunMode.MULTIRUN, "MULTIRUN")

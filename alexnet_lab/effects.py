@@ -50,11 +50,6 @@ def baseline_of(experiments: Sequence[Experiment], index: int) -> int | None:
     return max(range(index), key=lambda j: (-counts[j], j))  # fewest differences; the later one on a tie
 
 
-def _number(run: Run, metric: str) -> float:
-    value = run.metrics.get(metric)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
 def _pairable(a: Run, b: Run, metric: str) -> dict[str, Any] | None:
     """The test set both runs were tested on (same data, split and images), if the metric can be paired on it."""
     set_a, set_b = a.metrics.get("test_set"), b.metrics.get("test_set")
@@ -68,7 +63,7 @@ def compare(baseline: Experiment, experiment: Experiment, metric: str = DEFAULT_
     """The effect of ``experiment`` against ``baseline`` on ``metric``, by the best noise estimate at hand."""
     a, b = baseline.finished, experiment.finished
     if len(a) >= 2 and len(b) >= 2:
-        difference = stats.welch([_number(r, metric) for r in a], [_number(r, metric) for r in b])
+        difference = stats.welch([r.number(metric) for r in a], [r.number(metric) for r in b])
         method = f"Welch's interval over {len(b)} vs {len(a)} seeds"
     elif a and b and (test_set := _pairable(a[0], b[0], metric)) is not None:
         true, pred_a, pred_b = test_set["true"], a[0].metrics["test_set"]["pred"], b[0].metrics["test_set"]["pred"]
@@ -77,7 +72,7 @@ def compare(baseline: Experiment, experiment: Experiment, metric: str = DEFAULT_
         seeds = "one seed each: seed noise unknown" if len(a) == len(b) == 1 else "the first seed of each"
         method = f"paired bootstrap over {len(true)} test images, McNemar p={p:.2g}; {seeds}"
     else:
-        mean = _number(b[0], metric) - _number(a[0], metric) if a and b else math.nan
+        mean = b[0].number(metric) - a[0].number(metric) if a and b else math.nan
         difference = stats.Interval(mean, math.nan, math.nan)
         method = "no interval: too few seeds, and no shared test images to pair"
     if not math.isfinite(difference.low) or not math.isfinite(difference.high):
@@ -100,10 +95,6 @@ def effects(experiments: Sequence[Experiment], metric: str = DEFAULT_METRIC) -> 
     return found
 
 
-def _signed(interval: stats.Interval) -> str:
-    return f"{interval.value:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
-
-
 def summary(experiments: Sequence[Experiment], found: Sequence[Effect]) -> list[str]:
     """Three to six plain sentences: which steps mattered, which did not, which never learned; and the noise used."""
     sentences = []
@@ -111,7 +102,7 @@ def summary(experiments: Sequence[Experiment], found: Sequence[Effect]) -> list[
         seeds = "seeds" if effect.method.startswith("Welch") else "test images, one seed"
         sentences.append(
             f"{effect.experiment} ({effect.differs or 'vs ' + effect.baseline}): {effect.verdict} on "
-            f"{effect.metric} ({_signed(effect.difference)}, interval from {seeds})."
+            f"{effect.metric} ({effect.difference.signed()}, interval from {seeds})."
         )
     unclear = [e.experiment for e in found if e.verdict == "no clear difference"]
     if unclear:

@@ -210,7 +210,7 @@ def defaults(schema: type[Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- reporting
 
 
-def fail(message: str) -> typing.NoReturn:
-    """Print ``error: message`` (one line) on stderr and exit with :data:`EXIT_BAD_INPUT`."""
+def fail(message: str, status: int = EXIT_BAD_INPUT) -> typing.NoReturn:
+    """Print ``error: message`` (one line) on stderr and exit with ``status`` (bad input: :data:`EXIT_BAD_INPUT`)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(status)

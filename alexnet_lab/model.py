@@ -70,16 +70,6 @@ NOTEBOOK = ArchSpec(
 ARCHS: dict[str, ArchSpec] = {"notebook": NOTEBOOK, "paper": PAPER}
 
 
-def _layer_names(spec: ArchSpec) -> list[str]:
-    """Names of the scaled layers in order: conv1..convN, then fc(N+1).. for the hidden dense."""
-    n_conv = len(spec.convs)
-    return [f"conv{i + 1}" for i in range(n_conv)] + [f"fc{n_conv + i + 1}" for i in range(len(spec.hidden))]
-
-
-def _paper_widths(spec: ArchSpec) -> list[int]:
-    return [conv.width for conv in spec.convs] + list(spec.hidden)
-
-
 @dataclass
 class AlexNetConfig(ModelConfig):
     """:class:`ModelConfig` and what the data decides: input channels and classes."""
@@ -89,11 +79,15 @@ class AlexNetConfig(ModelConfig):
 
 
 def layer_widths(config: AlexNetConfig) -> dict[str, int]:
-    """Width of every scaled layer (conv channels, hidden dense units), e.g. {"conv1": 6, ...}."""
+    """Width of every scaled layer (conv channels, hidden dense units), e.g. {"conv1": 6, ...}.
+
+    In order: conv1..convN, then fc(N+1).. for the hidden dense layers.
+    """
     spec = ARCHS[config.arch]
-    return {
-        name: width // config.downscale for name, width in zip(_layer_names(spec), _paper_widths(spec), strict=True)
-    }
+    widths = [conv.width for conv in spec.convs] + list(spec.hidden)
+    names = [f"conv{i}" for i in range(1, len(spec.convs) + 1)]
+    names += [f"fc{len(spec.convs) + i}" for i in range(1, len(spec.hidden) + 1)]
+    return {name: width // config.downscale for name, width in zip(names, widths, strict=True)}
 
 
 class AlexNet(nn.Module):
@@ -120,13 +114,7 @@ class AlexNet(nn.Module):
         features: OrderedDict[str, nn.Module] = OrderedDict()
         channels = config.in_channels
         for i, (conv, width) in enumerate(zip(spec.convs, widths[:n_conv], strict=True), start=1):
-            features[f"conv{i}"] = nn.Conv2d(
-                in_channels=channels,
-                out_channels=width,
-                kernel_size=conv.kernel,
-                stride=conv.stride,
-                padding=conv.padding,
-            )
+            features[f"conv{i}"] = nn.Conv2d(channels, width, conv.kernel, stride=conv.stride, padding=conv.padding)
             features[f"relu{i}"] = nn.ReLU(inplace=True)
             if conv.lrn and config.lrn:
                 # The paper's k=2, n=5, alpha=1e-4, beta=0.75. torch divides alpha by `size`

@@ -115,7 +115,6 @@ class AlexNetClassifier(pl.LightningModule):
         # it), not be dropped with a warning per step as torchmetrics does by default
         self.mean_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="disable") for stage in ("fit", "val", "test")})
         self.history: list[dict[str, float]] = []  # one row per epoch: train/* and val/* values
-        self.test_metrics: dict[str, float] = {}
         # the last test's true and predicted class per image, in the test split's order: paired comparisons
         self.test_predictions: tuple[list[int], list[int]] = ([], [])
         self._test_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -202,7 +201,7 @@ class AlexNetClassifier(pl.LightningModule):
         self._test_batches = []
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self._epoch_metrics("test", "test")
+        self._epoch_metrics("test", "test")
         if self._test_batches:
             true, pred = (torch.cat(part).tolist() for part in zip(*self._test_batches, strict=True))
             self.test_predictions = (true, pred)

@@ -54,30 +54,6 @@ if TYPE_CHECKING:
 #: the date and time of a single run ("2024-05-01_12-00-00-123456_").
 DIR_PREFIX = re.compile(r"^(?:(\d+)|\d{4}-\d\d-\d\d_[\d-]+)_")
 
-#: tab10, then tab20's lighter shades: 20 colours that stay apart on a white background.
-PALETTE = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-    "#aec7e8",
-    "#ffbb78",
-    "#98df8a",
-    "#ff9896",
-    "#c5b0d5",
-    "#c49c94",
-    "#f7b6d2",
-    "#c7c7c7",
-    "#dbdb8d",
-    "#9edae5",
-)
-
 #: {key in metrics.json and in the report rows: column header}: the numbers every run reports.
 METRICS = {
     "val_acc_best": "best val acc",
@@ -90,6 +66,8 @@ METRICS = {
 }
 #: The metrics with a 95 % interval: a run's from its test images (metrics.json), an experiment's over seeds.
 WITH_INTERVAL = ("test_acc", "test_balanced_acc")
+#: A run's learning phases (:func:`alexnet_lab.verdicts.phases`) as its row and the CSV carry them.
+PHASE_KEYS = ("collapsed_epochs", "left_chance_epoch", "best_epoch")
 #: The run table's {key: header}; the CSV uses the keys (then the intervals, phases, ``error`` and ``dir``).
 RUN_COLUMNS = {
     "run": "run",
@@ -149,6 +127,11 @@ class Run:
     def finished(self) -> bool:
         """Trained to the end (``ok``, or stopped as ``diverged``) with its numbers in metrics.json."""
         return self.status in FINISHED and "history" in self.metrics
+
+    def number(self, key: str) -> float:
+        """metrics.json's number ``key``; NaN where it is missing or not a number."""
+        value = self.metrics.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
     @property
     def order(self) -> tuple[Any, ...]:
@@ -265,11 +248,6 @@ def load_runs(path: str | Path) -> list[Run]:
 # --------------------------------------------------------------------------- tables
 
 
-def _number(metrics: Mapping[str, Any], key: str) -> float:
-    value = metrics.get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
 def _spans(epochs: Sequence[int]) -> list[tuple[int, int]]:
     """``[0, 1, 2, 5]`` -> ``[(0, 2), (5, 5)]``: runs of consecutive epochs, first and last."""
     spans: list[tuple[int, int]] = []
@@ -309,7 +287,7 @@ def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         row = {
             "run": label,
             "differs": config_diff(runs[index - 1] if index else None, run),
-            **{key: _number(run.metrics, key) for key in METRICS},
+            **{key: run.number(key) for key in METRICS},
             "learning": learning_text(run.phases),
             "verdicts": ", ".join(run.verdicts),
             "status": run.status,
@@ -318,7 +296,7 @@ def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         }
         for key in WITH_INTERVAL:
             row[f"{key}_low"], row[f"{key}_high"] = _interval(run.metrics, key)
-        row.update({key: run.phases.get(key) for key in ("collapsed_epochs", "left_chance_epoch", "best_epoch")})
+        row.update({key: run.phases.get(key) for key in PHASE_KEYS})
         rows.append(row)
     return rows
 
@@ -359,12 +337,12 @@ def experiment_rows(experiments: Sequence[Experiment]) -> list[dict[str, Any]]:
             "finished": len(finished),
             "differs": config_diff(previous, experiment.runs[0], ignore=("seed",)),
         }
-        table = np.array([[_number(run.metrics, key) for key in METRICS] for run in finished])  # (runs, keys)
+        table = np.array([[run.number(key) for key in METRICS] for run in finished])  # (runs, keys)
         means, stds = _mean_std(table.reshape(-1, len(METRICS)))
         for key, mean, std in zip(METRICS, means, stds, strict=True):
             row[f"{key}_mean"], row[f"{key}_std"] = float(mean), float(std)
         for key in WITH_INTERVAL:  # the mean over seeds with its t interval
-            interval = stats.mean_interval([_number(run.metrics, key) for run in finished])
+            interval = stats.mean_interval([run.number(key) for run in finished])
             row[f"{key}_low"], row[f"{key}_high"] = interval.low, interval.high
         counts = {name: sum(name in run.verdicts for run in finished) for name in VERDICTS}
         row["verdicts"] = ", ".join(
@@ -427,7 +405,7 @@ class Report:
             heading = "Per experiment: mean ± standard deviation [95 % interval of the mean] over seeds"
             tables.append((heading, EXPERIMENT_COLUMNS, self.experiment_rows))
         if self.effects:
-            rows = [{**vars(effect), "difference": _signed(effect.difference)} for effect in self.effects]
+            rows = [{**vars(effect), "difference": effect.difference.signed()} for effect in self.effects]
             tables.append((f"Effect of each step on {self.effects[0].metric}", EFFECT_COLUMNS, rows))
         return [
             (heading, list(columns.values()), [[_cell(row, key) for key in columns] for row in rows])
@@ -454,12 +432,6 @@ def build_report(
 
 
 # --------------------------------------------------------------------------- tables as text
-
-
-def _signed(interval: stats.Interval) -> str:
-    if not math.isfinite(interval.low):
-        return f"{interval.value:+.3f}" if math.isfinite(interval.value) else "—"
-    return f"{interval.value:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
 
 
 def _text(value: Any, key: str) -> str:
@@ -515,10 +487,8 @@ def report_csv(report: Report) -> str:
     """report.csv: one row per run, full precision, empty cells for missing numbers."""
     buffer = io.StringIO()
     intervals = [f"{key}_{end}" for key in WITH_INTERVAL for end in ("low", "high")]
-    phase_keys = ["collapsed_epochs", "left_chance_epoch", "best_epoch"]
-    writer = csv.DictWriter(
-        buffer, fieldnames=[*RUN_COLUMNS, *intervals, *phase_keys, "error", "dir"], lineterminator="\n"
-    )
+    fields = [*RUN_COLUMNS, *intervals, *PHASE_KEYS, "error", "dir"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
         writer.writerow({key: _csv_value(key, value) for key, value in row.items()})
@@ -567,21 +537,22 @@ def report_html(report: Report, figure: go.Figure) -> str:
 #: What a panel draws: (quantity, colour, on the secondary (log-scale) axis); train dashed, val solid.
 QUANTITIES = (("acc", "#1f77b4", False), ("loss", "#ff7f0e", True))
 SPLITS = (("train", "dash", 1.2), ("val", "solid", 2.0))  # (split, plotly dash, line width)
+#: Each curve of a panel: (history key, name, colour, on the secondary axis, plotly dash, line width).
+LINES = [(f"{s}/{q}", f"{s} {q}", c, sec, d, w) for q, c, sec in QUANTITIES for s, d, w in SPLITS]
 LINESTYLES: dict[str, Literal["--", "-"]] = {"dash": "--", "solid": "-"}
 COLUMNS = 3  # panels side by side
 
 
-def experiment_curve(experiment: Experiment, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per epoch, ``key``'s mean and std over the experiment's runs; runs of different length pad with NaN.
+def experiment_curve(experiment: Experiment, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per epoch from 0, ``key``'s mean and std over the experiment's runs; runs of different length pad with NaN.
 
-    Returns (epochs, mean, std), each (E,): epochs from 0, std NaN where fewer than two runs.
+    Returns (mean, std), each (E,): std NaN where fewer than two runs.
     """
     series = [[float(row.get(key, math.nan)) for row in run.history] for run in experiment.runs if run.history]
-    length = max((len(s) for s in series), default=0)
-    table = np.full((len(series), length), np.nan)  # (runs, epochs)
+    table = np.full((len(series), max(map(len, series), default=0)), np.nan)  # (runs, epochs)
     for i, values in enumerate(series):
         table[i, : len(values)] = values
-    return np.arange(length), *_mean_std(table)
+    return _mean_std(table)
 
 
 @dataclass
@@ -598,12 +569,16 @@ def panels(report: Report) -> list[Panel]:
     found = []
     for experiment in report.experiments:
         keys = sorted({key for run in experiment.runs for row in run.history for key in row if "/" in key})
-        full = {key: experiment_curve(experiment, key) for key in keys}
-        epochs = next(iter(full.values()))[0] if full else np.arange(0)
-        curves = {key: (mean, std) for key, (_, mean, std) in full.items()}
+        curves = {key: experiment_curve(experiment, key) for key in keys}
+        epochs = np.arange(len(curves[keys[0]][0]) if keys else 0)
         mean_rows = [{"epoch": e, **{key: float(curves[key][0][e]) for key in keys}} for e in range(len(epochs))]
         found.append(Panel(_title(experiment), epochs, curves, phases(mean_rows, experiment.runs[0].thresholds)))
     return found
+
+
+def _grid(count: int) -> tuple[int, int]:
+    """(rows, columns) of a figure of ``count`` panels, :data:`COLUMNS` side by side."""
+    return max(1, math.ceil(count / COLUMNS)), min(COLUMNS, max(1, count))
 
 
 def _title(experiment: Experiment) -> str:
@@ -628,8 +603,7 @@ def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figur
     from plotly.subplots import make_subplots
 
     found = panels(build_report(source))
-    rows = max(1, math.ceil(len(found) / COLUMNS))
-    cols = min(COLUMNS, max(1, len(found)))
+    rows, cols = _grid(len(found))
     figure = make_subplots(
         rows=rows,
         cols=cols,
@@ -638,35 +612,34 @@ def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figur
     )
     for index, panel in enumerate(found):
         where = {"row": index // cols + 1, "col": index % cols + 1}
-        for quantity, color, secondary in QUANTITIES:
-            for split, dash, width in SPLITS:
-                mean, std = panel.curves.get(f"{split}/{quantity}", (np.full(len(panel.epochs), np.nan),) * 2)
-                if np.isfinite(std).any():  # the band of one standard deviation over seeds
-                    x, known = panel.epochs[np.isfinite(std)], np.isfinite(std)
-                    band = np.concatenate([(mean + std)[known], (mean - std)[known][::-1]])
-                    figure.add_scatter(
-                        x=np.concatenate([x, x[::-1]]),
-                        y=band,
-                        fill="toself",
-                        fillcolor=color,
-                        opacity=0.15,
-                        line={"width": 0},
-                        hoverinfo="skip",
-                        showlegend=False,
-                        secondary_y=secondary,
-                        **where,
-                    )
+        for key, name, color, secondary, dash, width in LINES:
+            mean, std = panel.curves.get(key, (np.full(len(panel.epochs), np.nan),) * 2)
+            known = np.isfinite(std)
+            if known.any():  # the band of one standard deviation over seeds
+                x = panel.epochs[known]
                 figure.add_scatter(
-                    x=panel.epochs,
-                    y=mean,
-                    name=f"{split} {quantity}",
-                    legendgroup=f"{split} {quantity}",
-                    mode="lines" if len(panel.epochs) > 1 else "markers",  # one epoch is a point
-                    line={"color": color, "dash": dash, "width": width},
-                    showlegend=index == 0,
+                    x=np.concatenate([x, x[::-1]]),
+                    y=np.concatenate([(mean + std)[known], (mean - std)[known][::-1]]),
+                    fill="toself",
+                    fillcolor=color,
+                    opacity=0.15,
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    showlegend=False,
                     secondary_y=secondary,
                     **where,
                 )
+            figure.add_scatter(
+                x=panel.epochs,
+                y=mean,
+                name=name,
+                legendgroup=name,
+                mode="lines" if len(panel.epochs) > 1 else "markers",  # one epoch is a point
+                line={"color": color, "dash": dash, "width": width},
+                showlegend=index == 0,
+                secondary_y=secondary,
+                **where,
+            )
         _mark_phases(figure, panel, where)
     figure.update_yaxes(range=[0.0, 1.02], secondary_y=False, title_text="accuracy")
     figure.update_yaxes(type="log", secondary_y=True, title_text="loss")
@@ -688,10 +661,9 @@ def _mark_phases(figure: go.Figure, panel: Panel, where: dict[str, int]) -> None
         figure.add_vline(x=panel.phases["left_chance_epoch"], line={"color": "green", "dash": "dot"}, **where)
     best = panel.phases["best_epoch"]
     if best is not None:
-        value = panel.curves["val/acc"][0][best]
         figure.add_scatter(
             x=[best],
-            y=[value],
+            y=[panel.curves["val/acc"][0][best]],
             mode="markers",
             marker={"symbol": "star", "size": 11, "color": "green"},
             showlegend=False,
@@ -708,7 +680,7 @@ def plot_curves_png(report: Report, path: str | Path, dpi: int = 90) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     found = panels(report)
-    rows, cols = max(1, math.ceil(len(found) / COLUMNS)), min(COLUMNS, max(1, len(found)))
+    rows, cols = _grid(len(found))
     png = Figure(figsize=(5.2 * cols, 3.0 * rows + 0.6), layout="constrained")
     FigureCanvasAgg(png)  # Agg, whatever backend pyplot uses: writing a PNG needs no display
     grid = png.subplots(rows, cols, squeeze=False)
@@ -716,13 +688,12 @@ def plot_curves_png(report: Report, path: str | Path, dpi: int = 90) -> Path:
         ax.set_visible(False)
     for ax, panel in zip(grid.flat, found, strict=False):  # the grid may have more places than panels
         loss_ax = ax.twinx()
-        for quantity, color, secondary in QUANTITIES:
+        for key, _, color, secondary, dash, width in LINES:
+            mean, std = panel.curves.get(key, (np.full(len(panel.epochs), np.nan),) * 2)
             target = loss_ax if secondary else ax
-            for split, dash, width in SPLITS:
-                mean, std = panel.curves.get(f"{split}/{quantity}", (np.full(len(panel.epochs), np.nan),) * 2)
-                marker = "o" if len(panel.epochs) == 1 else None
-                target.plot(panel.epochs, mean, LINESTYLES[dash], color=color, linewidth=width, marker=marker)
-                target.fill_between(panel.epochs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            marker = "o" if len(panel.epochs) == 1 else None
+            target.plot(panel.epochs, mean, LINESTYLES[dash], color=color, linewidth=width, marker=marker)
+            target.fill_between(panel.epochs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
         for first, last in _spans(panel.phases["collapsed_epochs"]):
             ax.axvspan(first - 0.5, last + 0.5, color="grey", alpha=0.15, linewidth=0)
         if panel.phases["left_chance_epoch"] is not None:
@@ -730,20 +701,17 @@ def plot_curves_png(report: Report, path: str | Path, dpi: int = 90) -> Path:
         if panel.phases["best_epoch"] is not None:
             best = panel.phases["best_epoch"]
             ax.plot([best], [panel.curves["val/acc"][0][best]], "*", color="green", markersize=10)
-        ax.set(ylim=(0.0, 1.02), xlabel="epoch", title=panel.title)
+        ax.set(ylim=(0.0, 1.02), xlabel="epoch")
         ax.set_title(panel.title, fontsize=9)
-        losses = np.concatenate(
-            [np.zeros(0), *(mean for key, (mean, _) in panel.curves.items() if key.endswith("loss"))]
-        )
+        losses = np.array([value for key, (mean, _) in panel.curves.items() if key.endswith("loss") for value in mean])
         losses = losses[np.isfinite(losses) & (losses > 0)]
         if losses.size and losses.max() > 10 * losses.min():  # log only where the loss spans orders of magnitude
             loss_ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.grid(alpha=0.3)
     handles = [
-        Line2D([], [], color=color, linestyle=LINESTYLES[dash], linewidth=width, label=f"{split} {quantity}")
-        for quantity, color, _ in QUANTITIES
-        for split, dash, width in SPLITS
+        Line2D([], [], color=color, linestyle=LINESTYLES[dash], linewidth=width, label=name)
+        for _, name, color, _, dash, width in LINES
     ]
     png.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=9, frameon=False)
     return _replace(Path(path), lambda tmp: png.savefig(tmp, dpi=dpi, format="png"))

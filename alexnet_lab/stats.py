@@ -52,6 +52,12 @@ class Interval:
     def as_list(self) -> list[float]:
         return [self.low, self.high]
 
+    def signed(self) -> str:
+        """``+0.123 [+0.050, +0.200]``; the value alone where its ends are unknown, ``—`` for no value."""
+        if not math.isfinite(self.low):
+            return f"{self.value:+.3f}" if math.isfinite(self.value) else "—"
+        return f"{self.value:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
 
 def wilson(correct: int, total: int) -> Interval:
     """Accuracy ``correct / total`` with its Wilson score interval (good at 0, 1 and small totals)."""

@@ -176,21 +176,10 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
     # Both save at the end of each training epoch, after the epoch's history row exists, so a
     # resume replays nothing. Two callbacks: since Lightning 2.6, `save_last` on a monitored
     # checkpoint writes last.ckpt only in epochs where the monitored metric improved.
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor="val/acc",
-        mode="max",
-        auto_insert_metric_name=False,
-        save_on_train_epoch_end=True,
-    )
-    last = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="last",
-        monitor=None,
-        enable_version_counter=False,  # overwrite last.ckpt, never last-v1.ckpt
-        save_on_train_epoch_end=True,
-    )
+    checkpoints: dict[str, Any] = {"dirpath": run_dir / "checkpoints", "save_on_train_epoch_end": True}
+    best = ModelCheckpoint(filename="best", monitor="val/acc", mode="max", auto_insert_metric_name=False, **checkpoints)
+    # enable_version_counter=False: overwrite last.ckpt, never last-v1.ckpt
+    last = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False, **checkpoints)
     guard = EarlyStopping(
         monitor="train/loss",
         mode="min",
@@ -297,14 +286,9 @@ def train(
     log_results(trainer, params, metrics)
     write_json(run_dir / "metrics.json", metrics)
     log.info(
-        "%s in %.0f s: val acc %.3f (best %.3f), test acc %.3f, balanced %.3f -> %s",
-        metrics["status"] if diverged else "done",
-        metrics["wall_s"],
-        metrics["val_acc"],
-        metrics["val_acc_best"],
-        metrics["test_acc"],
-        metrics["test_balanced_acc"],
-        run_dir,
+        "%(outcome)s in %(wall_s).0f s: val acc %(val_acc).3f (best %(val_acc_best).3f), test acc %(test_acc).3f, "
+        "balanced %(test_balanced_acc).3f -> %(run_dir)s",
+        {**metrics, "outcome": metrics["status"] if diverged else "done", "run_dir": run_dir},
     )
     return metrics
 
@@ -325,15 +309,9 @@ def fit(
             raise
         last = run_dir / "checkpoints" / "last.ckpt"
         epochs = len(history_from_checkpoint(last)) if last.exists() else 0
-        write_json(
-            run_dir / "metrics.json",
-            {
-                "status": "interrupted",
-                "epochs": epochs,
-                "checkpoint": str(last) if last.exists() else None,
-                "overrides": list(overrides or []),
-            },
-        )
+        checkpoint = str(last) if last.exists() else None
+        record = {"status": "interrupted", "epochs": epochs, "checkpoint": checkpoint, "overrides": overrides or []}
+        write_json(run_dir / "metrics.json", record)
         raise RunInterrupted(
             f"interrupted after {epochs} finished epochs; rerun with resume=true to continue"
         ) from None

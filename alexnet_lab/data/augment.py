@@ -18,16 +18,6 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _NUM_DRAWS = 7  # uniforms per sample: flip, shift x, shift y, rotate, scale, brightness, contrast
 
 
-def geometry_is_identity(config: AugmentConfig) -> bool:
-    """True when no flip, shift, rotation or zoom can be drawn."""
-    return config.flip == config.max_shift == config.max_rotate_deg == 0.0 and tuple(config.scale) == (1.0, 1.0)
-
-
-def photometric_is_identity(config: AugmentConfig) -> bool:
-    """True when brightness and contrast are both left alone."""
-    return config.brightness == 0.0 and config.contrast == 0.0
-
-
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) in 0..255 -> float32 (B, C, H, W) in [0, 1]."""
     if images.dtype != torch.uint8:
@@ -71,22 +61,23 @@ def augment_batch(
     """
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"augment_batch expects float (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-    if geometry_is_identity(config) and photometric_is_identity(config):
+    # whether a flip, shift, rotation or zoom, and whether a brightness or contrast change, can be drawn
+    moves = not (config.flip == config.max_shift == config.max_rotate_deg == 0.0 and tuple(config.scale) == (1.0, 1.0))
+    recolours = config.brightness != 0.0 or config.contrast != 0.0
+    if not (moves or recolours):
         return images
 
     batch, _, height, width = images.shape
     # half precision loses sub-pixel accuracy in the sampling grid; resample in float32
     out = images.float() if images.dtype in _HALF_DTYPES else images
-    draws = torch.rand(
-        (batch, _NUM_DRAWS), device=images.device, dtype=torch.float32, generator=generator
-    )  # (B, 7) in [0, 1)
+    draws = torch.rand((batch, _NUM_DRAWS), device=images.device, dtype=torch.float32, generator=generator)  # (B, 7)
 
-    if not geometry_is_identity(config):
+    if moves:
         theta = _affine_matrices(draws, config, height, width).to(out.dtype)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)  # (B, H, W, 2)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, H, W)
 
-    if not photometric_is_identity(config):
+    if recolours:
         shape = (batch, 1, 1, 1)
         offset = ((draws[:, 5] * 2.0 - 1.0) * config.brightness).view(shape).to(out.dtype)
         factor = (1.0 + (draws[:, 6] * 2.0 - 1.0) * config.contrast).view(shape).to(out.dtype)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from alexnet_lab.data.augment import augment_batch, to_float
 from alexnet_lab.data.preprocess import Cache, build_cache
@@ -51,19 +51,6 @@ class CacheBatches(Dataset[Batch]):
         idx = np.asarray(batch)
         # one fancy-indexed read of the memmap: (B, C, S, S) uint8, copied into RAM
         return torch.from_numpy(self.images[idx]), torch.from_numpy(self.labels[idx])
-
-
-class FixedBatches(Dataset[Batch]):
-    """The same batches every epoch, in order: Lightning's ``overfit_batches`` insists on a SequentialSampler."""
-
-    def __init__(self, data: CacheBatches, batches: list[list[int]]) -> None:
-        self.data, self.batches = data, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[self.batches[index]]
 
 
 class DeviceBatches:
@@ -247,7 +234,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
         # debug=overfit (Lightning sets the Trainer's overfit_batches outside its __init__, hence getattr)
         if split != "test" and getattr(self.trainer, "overfit_batches", False):
-            fixed = FixedBatches(CacheBatches(cache), list(sampler))  # the first epoch's batches, every epoch
+            # the first epoch's batches, every epoch, in order: Lightning's overfit_batches insists on a
+            # SequentialSampler, so the batches become the items (the Subset's "indices" are index lists)
+            fixed = Subset(CacheBatches(cache), list(sampler))  # type: ignore[arg-type]
             return DataLoader(fixed, sampler=SequentialSampler(fixed), batch_size=None, num_workers=0)
         device = self._batch_device()
         if device is not None:

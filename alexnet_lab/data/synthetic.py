@@ -36,7 +36,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -74,17 +74,6 @@ NOISE_PROB = 0.7  # the rest are clean: noise makes PNGs large (~0.4 MB for 500 
 NOISE_STD = (2.0, 14.0)  # Gaussian noise, in 8-bit grey levels
 BLUR_PROB = 0.25
 ELLIPSE_POINTS = 40  # polygon vertices per ellipse
-
-
-class _Job(NamedTuple):
-    """One image to render: where, and the entropy its random generator is derived from."""
-
-    out_dir: str
-    class_name: str
-    ear_style: str
-    seed: int
-    class_index: int
-    image_index: int
 
 
 def ear_styles(class_names: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -130,16 +119,12 @@ def ensure_synthetic(raw_dir: str | Path, spec: SyntheticConfig | None = None, *
 def _write(raw_dir: Path, spec: SyntheticConfig, workers: int | None, progress: bool, reuse: bool) -> Path:
     """Build raw_dir with `build_folder`; reuse: keep a folder with the same marker (built meanwhile)."""
     _check_target(raw_dir)  # refuse a folder that is not ours before anything is created next to it
-
-    def build(tmp_dir: Path) -> None:
-        _render_all(tmp_dir, spec, workers, progress)
-        _write_debris(tmp_dir, spec)
-        (tmp_dir / MARKER_NAME).write_text(json.dumps(_marker(spec), indent=2) + "\n")
-
-    def is_complete(path: Path) -> bool:
-        return reuse and _read_marker(path) == _marker(spec)
-
-    build_folder(raw_dir, build, is_complete, replace_old=_check_target)
+    build_folder(
+        raw_dir,
+        lambda tmp_dir: _fill(tmp_dir, spec, workers, progress),
+        lambda path: reuse and _read_marker(path) == _marker(spec),
+        replace_old=_check_target,
+    )
     return raw_dir
 
 
@@ -161,9 +146,7 @@ def _read_marker(raw_dir: Path) -> dict[str, Any] | None:
         marker = json.loads((raw_dir / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("generator") != GENERATOR_NAME:
-        return None
-    return marker
+    return marker if isinstance(marker, dict) and marker.get("generator") == GENERATOR_NAME else None
 
 
 def _check_target(raw_dir: Path) -> bool:
@@ -182,12 +165,23 @@ def _check_target(raw_dir: Path) -> bool:
     return False
 
 
-def _render_all(out_dir: Path, spec: SyntheticConfig, workers: int | None, progress: bool) -> None:
+def _fill(out_dir: Path, spec: SyntheticConfig, workers: int | None, progress: bool) -> None:
+    """Write each class's photos (rendered in `workers` processes), debris and, last, the marker."""
     styles = ear_styles(list(spec.counts))
-    jobs: list[_Job] = []
+    placeholder = placeholder_bytes() if spec.placeholders else b""
+    placeholders, broken = spread(spec.placeholders, spec.counts), spread(spec.broken, spec.counts)
+    kinds = itertools.cycle(BROKEN_KINDS)  # one sequence over all classes
+    jobs: list[tuple[str, str, list[int]]] = []  # (path without suffix, ear style, entropy of its generator)
     for class_index, (name, n) in enumerate(spec.counts.items()):
-        (out_dir / name).mkdir()
-        jobs += [_Job(str(out_dir / name), name, styles[name], spec.seed, class_index, i) for i in range(n)]
+        folder = out_dir / name
+        folder.mkdir()
+        jobs += [(str(folder / f"{name}_{i:05d}"), styles[name], [spec.seed, class_index, i]) for i in range(n)]
+        first_broken = n + placeholders[name]  # placeholder copies, then broken files, numbered after the photos
+        for index in range(n, first_broken):
+            (folder / f"{name}_{index:05d}.jpg").write_bytes(placeholder)
+        for index in range(first_broken, first_broken + broken[name]):
+            rng = np.random.default_rng(np.random.SeedSequence([spec.seed, class_index, index, 1]))
+            (folder / f"{name}_{index:05d}.jpg").write_bytes(_broken_bytes(next(kinds), rng, styles[name]))
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     chunksize = max(1, min(32, len(jobs) // (workers * 8)))
     pool = ProcessPoolExecutor(workers, initializer=exit_with_parent) if workers > 1 else None  # 1: no processes
@@ -195,14 +189,15 @@ def _render_all(out_dir: Path, spec: SyntheticConfig, workers: int | None, progr
         written = pool.map(_write_image, jobs, chunksize=chunksize) if pool else map(_write_image, jobs)
         for _ in tqdm(written, total=len(jobs), desc="generating synthetic data", unit="img", disable=not progress):
             pass
+    (out_dir / MARKER_NAME).write_text(json.dumps(_marker(spec), indent=2) + "\n")
 
 
-def _write_image(job: _Job) -> None:
-    rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.class_index, job.image_index]))
+def _write_image(job: tuple[str, str, list[int]]) -> None:
+    stem, ear_style, entropy = job
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
     is_jpeg = rng.random() < JPEG_FRACTION
     quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
-    image = render_image(rng, job.ear_style)
-    stem = os.path.join(job.out_dir, f"{job.class_name}_{job.image_index:05d}")
+    image = render_image(rng, ear_style)
     if is_jpeg:
         image.save(stem + ".jpg", format="JPEG", quality=quality)
     else:
@@ -262,26 +257,6 @@ def _broken_bytes(kind: str, rng: np.random.Generator, ear_style: str) -> bytes:
     return rng.bytes(2048)  # garbage
 
 
-def _write_debris(out_dir: Path, spec: SyntheticConfig) -> None:
-    """Placeholder copies and broken files, numbered after each class's photos."""
-    counts, seed = spec.counts, spec.seed
-    styles = ear_styles(list(counts))
-    placeholder = placeholder_bytes() if spec.placeholders else b""
-    per_class_placeholders, per_class_broken = spread(spec.placeholders, counts), spread(spec.broken, counts)
-    kind_index = 0
-    for class_index, (name, n) in enumerate(counts.items()):
-        index = n
-        for _ in range(per_class_placeholders[name]):
-            (out_dir / name / f"{name}_{index:05d}.jpg").write_bytes(placeholder)
-            index += 1
-        for _ in range(per_class_broken[name]):
-            rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, index, 1]))
-            kind = BROKEN_KINDS[kind_index % len(BROKEN_KINDS)]
-            (out_dir / name / f"{name}_{index:05d}.jpg").write_bytes(_broken_bytes(kind, rng, styles[name]))
-            index += 1
-            kind_index += 1
-
-
 # ---------------------------------------------------------------------------------------
 # Drawing. Head parts are polygons in head-local units (face radius 1, y down), rotated,
 # scaled and translated with numpy, then filled with ImageDraw at the final size.
@@ -303,17 +278,15 @@ def render_image(rng: np.random.Generator, ear_style: str) -> Image.Image:
         _clutter_shape(rng, draw, width, height, max_size=0.45 * short)
 
     # Pose: face radius r in px, centre (cx, cy), rotation; ears reach ~1.8 r above the centre.
-    head_fraction = rng.uniform(*HEAD_FRACTION)
-    r = head_fraction * short / 2
+    r = rng.uniform(*HEAD_FRACTION) * short / 2
     cx = _uniform_clamped(rng, 1.2 * r, width - 1.2 * r, width / 2)
     cy = _uniform_clamped(rng, 1.5 * r, height - 1.0 * r, height / 2)
     angle = math.radians(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
     cos_a, sin_a = math.cos(angle), math.sin(angle)
     rotation = np.array([[cos_a, -sin_a], [sin_a, cos_a]]) * r
 
-    def to_image(points: np.ndarray) -> list[tuple[float, float]]:
-        xy = points @ rotation.T + (cx, cy)
-        return [tuple(p) for p in xy.tolist()]
+    def to_image(points: np.ndarray) -> Any:  # flat [x0, y0, x1, y1, ...], as ImageDraw takes points
+        return (points @ rotation.T + (cx, cy)).ravel().tolist()
 
     # Most heads stand out from the background in grey levels; the rest may not (hard cases).
     min_contrast = MIN_CONTRAST if rng.random() < CONTRAST_PROB else 0.0
@@ -325,8 +298,7 @@ def render_image(rng: np.random.Generator, ear_style: str) -> Image.Image:
     has_outline = rng.random() < 0.5
     outline_color = _color(rng, high=90)
     line_px = max(1, round(r * rng.uniform(0.03, 0.07)))
-    outline = outline_color if has_outline else None
-    outline_px = line_px if has_outline else 0
+    outline, outline_px = (outline_color, line_px) if has_outline else (None, 0)
     face_ry = rng.uniform(0.82, 1.08)
 
     for side in (-1.0, 1.0):
@@ -385,8 +357,7 @@ def _uniform_clamped(rng: np.random.Generator, low: float, high: float, middle: 
 
 
 def _color(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
-    red, green, blue = (int(c) for c in rng.integers(low, high, size=3))
-    return red, green, blue
+    return tuple(rng.integers(low, high, size=3).tolist())
 
 
 def _luma(color: tuple[int, int, int] | np.ndarray) -> float:
@@ -436,9 +407,8 @@ def _ear(rng: np.random.Generator, style: str, side: float, face_ry: float) -> t
     if style == "pointed":  # triangle standing on the top of the head
         center, half, length = 22 + 22 * u[0], 14 + 10 * u[1], 0.7 + 0.5 * u[2]
         lean = math.radians(center - 8 + 22 * u[3])
-        base_a, base_b = on_face(center - half), on_face(center + half)
         tip = on_face(center, 1.0) + length * np.array([side * math.sin(lean), -math.cos(lean)])
-        outer = np.stack([base_a, tip, base_b])
+        outer = np.stack([on_face(center - half), tip, on_face(center + half)])
     elif style == "floppy":  # long lobe attached high on the side, hanging down beside the cheek
         attach, width, length = 40 + 25 * u[0], 0.45 + 0.25 * u[1], 1.0 + 0.5 * u[2]
         droop = math.radians(10 + 30 * u[3])
@@ -465,8 +435,7 @@ def _ear(rng: np.random.Generator, style: str, side: float, face_ry: float) -> t
 def _background(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, float]:
     """Flat, gradient or blotchy background, and its mean grey level."""
     kind = rng.integers(3)
-    c1 = np.array(_color(rng), dtype=np.float32)
-    c2 = np.array(_color(rng), dtype=np.float32)
+    c1, c2 = np.array([_color(rng), _color(rng)], dtype=np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     grid = rng.integers(0, 256, size=(int(rng.integers(2, 7)), int(rng.integers(2, 7)), 3), dtype=np.uint8)
     if kind == 0:  # flat colour
@@ -514,7 +483,7 @@ def _clutter_shape(
     else:  # irregular polygon
         angles = tilt + np.sort(rng.uniform(0, 2 * math.pi, size=n_vertices))
         points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
-    xy = [tuple(p) for p in points.tolist()]
+    xy = points.ravel().tolist()
     if filled:
         draw.polygon(xy, fill=color)
     else:
