@@ -227,5 +227,8 @@ class AlexNetClassifier(pl.LightningModule):
         if "betas" in kwargs:
             kwargs["betas"] = tuple(kwargs["betas"])  # a list after a round trip through YAML
         optimizer = optimizer_class(optim["name"])(self.parameters(), **kwargs)
-        schedule = lr_schedule(optimizer, self.hparams.get("scheduler") or {}, int(self.trainer.max_epochs or 1))
+        spec = self.hparams.get("scheduler") or {}
+        # only a schedule needs the run's length (cosine anneals over it); a module used on its own has no Trainer
+        max_epochs = int(self.trainer.max_epochs or 1) if spec.get("name", "none") != "none" else 1
+        schedule = lr_schedule(optimizer, spec, max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": schedule} if schedule else optimizer

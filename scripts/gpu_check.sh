@@ -2,7 +2,8 @@
 # The GPU checks of the speed work, in one go, for whoever has a CUDA machine at hand:
 # the GPU tests, the benchmark, and a timed replay of the whole ablation (9 runs) one job at
 # a time, then (time allowing) three jobs sharing the GPU and torch.compile / CUDA graphs.
-# Ends within BUDGET_S seconds (290: 5 minutes; 540 leaves room for the optional steps);
+# Ends within BUDGET_S seconds (290: 5 minutes; 540 leaves room for the optional steps; REPLAY_S: the
+# replay's own limit, 150 s);
 # every figure goes into one file.
 #
 #   scripts/gpu_check.sh [OUT_DIR]       # on the GPU machine, from anywhere; OUT_DIR: outputs/gpu_check/<time>
@@ -108,7 +109,7 @@ step bench 120 "$PYTHON" scripts/bench.py --json --out "$OUT_DIR/bench.json" ${B
 
 # 4. the whole ablation replay, one job at a time (the basic launcher), then three sharing the GPU
 REPLAY=("experiment=glob(ablation_*)" trainer.enable_progress_bar=false data.progress=false)
-step replay 150 "$PYTHON" train.py -m "${REPLAY[@]}" "hydra.sweep.dir=$RUNS/replay"
+step replay "${REPLAY_S:-150}" "$PYTHON" train.py -m "${REPLAY[@]}" "hydra.sweep.dir=$RUNS/replay"
 left=$(( DEADLINE - $(date +%s) ))
 if [ "$left" -ge 60 ] && "$PYTHON" -c "import hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
     step replay_3_jobs "$left" "$PYTHON" train.py -m "${REPLAY[@]}" "hydra.sweep.dir=$RUNS/replay_3_jobs" \

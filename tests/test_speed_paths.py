@@ -306,6 +306,16 @@ def test_epoch_loss_weighs_every_image_alike():
     assert float(module.mean_loss["val"].compute()) == pytest.approx(float(per_image), rel=1e-5)
 
 
+def test_a_module_on_its_own_builds_its_optimizer_and_needs_a_trainer_only_for_a_schedule():
+    module = AlexNetClassifier(MODEL, {"name": "SGD", "lr": 0.05, "momentum": 0.9}, ["cat", "dog"], 1)
+    optimizer = module.configure_optimizers()  # no Trainer: as the GPU step test and a notebook use it
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.05
+    assert optimizer.defaults["momentum"] == 0.9
+    scheduled = AlexNetClassifier(MODEL, OPTIM, ["cat", "dog"], 1, scheduler={"name": "cosine", "eta_min": 0.0})
+    with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):  # cosine anneals over trainer.max_epochs
+        scheduled.configure_optimizers()
+
+
 def test_a_training_step_never_reads_a_tensor_back(make_raw, tmp_path, monkeypatch):
     """Batch transfer hook (to float, augmentation) and training step: no .item(), bool(), float() or .tolist()."""
     raw = make_raw({"cat": 14, "dog": 8})
