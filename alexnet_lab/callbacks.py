@@ -38,6 +38,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from alexnet_lab.data.sampling import epoch_seed
@@ -85,6 +86,39 @@ class RunState(pl.Callback):
     ) -> None:
         if batch_idx == 0:  # dropout's random numbers: a function of (seed, epoch) only
             torch.manual_seed(epoch_seed(self.seed, trainer.current_epoch))
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, written at the end of every ``every_n_epochs``-th training epoch and of the last one.
+
+    Saving less often loses nothing a resume needs: it replays the epochs since the last save
+    to the same numbers, since each epoch's randomness is a function of (seed, epoch) (RunState
+    reseeds dropout, the sampler's order and the augmentation are derived the same way). The
+    save after the last epoch keeps the history in last.ckpt complete: under ddp_spawn the
+    parent process reads it back from there.
+    """
+
+    def __init__(self, dirpath: Path, every_n_epochs: int) -> None:
+        super().__init__(
+            dirpath,
+            "last",
+            monitor=None,
+            enable_version_counter=False,  # overwrite last.ckpt, never last-v1.ckpt
+            every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=True,  # after the epoch's history row exists
+        )
+        self.saved_step = -1  # the global step of the last save
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if (trainer.current_epoch + 1) % (self.every_n_epochs or 1) == 0:  # the rule ModelCheckpoint saves by
+            self.saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # fast_dev_run saves nothing (Lightning sets it on the Trainer outside its __init__, hence getattr)
+        if not getattr(trainer, "fast_dev_run", False) and trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(Path(self.dirpath or ".") / "last.ckpt")
 
 
 def history_from_checkpoint(path: str | Path) -> list[dict[str, float]]:

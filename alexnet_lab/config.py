@@ -355,6 +355,9 @@ class LabConfig:
     seed: int = 0  # seeds weights, sampling, augmentation and dropout (0 is a seed)
     run_name: str = "${run_name:${hydra:overrides.task}}"  # what differs from the defaults; names the run dir
     resume: bool = False  # true: skip runs whose metrics.json says finished, continue others from last.ckpt
+    # epochs between saves of last.ckpt (also saved after the last epoch; best.ckpt whenever val/acc improves):
+    # a resume replays the epochs since the save, to the same numbers; fewer saves, less time per epoch
+    checkpoint_every: int = setting(5, ge=1, hint="epochs between saves of last.ckpt; 1 = every epoch")
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     verdicts: VerdictThresholds = field(default_factory=VerdictThresholds)  # into metrics.json and the report
 

@@ -24,6 +24,7 @@ import yaml
 NOT_LEARNED = (
     "run_name",
     "resume",
+    "checkpoint_every",  # when last.ckpt is written; a resume replays the epochs since, exactly
     "data.raw_dir",
     "data.cache_dir",
     "data.progress",

@@ -29,7 +29,7 @@ from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from alexnet_lab.callbacks import RunState, history_from_checkpoint
+from alexnet_lab.callbacks import LastCheckpoint, RunState, history_from_checkpoint
 from alexnet_lab.cli import error_policy, load, write_json
 from alexnet_lab.config import LabConfig
 from alexnet_lab.data.datamodule import ImageFolderDataModule
@@ -173,13 +173,18 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
         if spec is not None
     }
     loggers = instantiate_group("logger", in_run_dir)
-    # Both save at the end of each training epoch, after the epoch's history row exists, so a
-    # resume replays nothing. Two callbacks: since Lightning 2.6, `save_last` on a monitored
-    # checkpoint writes last.ckpt only in epochs where the monitored metric improved.
-    checkpoints: dict[str, Any] = {"dirpath": run_dir / "checkpoints", "save_on_train_epoch_end": True}
-    best = ModelCheckpoint(filename="best", monitor="val/acc", mode="max", auto_insert_metric_name=False, **checkpoints)
-    # enable_version_counter=False: overwrite last.ckpt, never last-v1.ckpt
-    last = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False, **checkpoints)
+    # best.ckpt at the end of each training epoch where val/acc improved, after the epoch's history
+    # row exists; last.ckpt every checkpoint_every epochs (LastCheckpoint). Two callbacks: since
+    # Lightning 2.6, `save_last` on a monitored checkpoint writes last.ckpt only when it improved.
+    best = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        auto_insert_metric_name=False,
+        save_on_train_epoch_end=True,
+    )
+    last = LastCheckpoint(run_dir / "checkpoints", lab.checkpoint_every)
     guard = EarlyStopping(
         monitor="train/loss",
         mode="min",
@@ -313,7 +318,7 @@ def fit(
         record = {"status": "interrupted", "epochs": epochs, "checkpoint": checkpoint, "overrides": overrides or []}
         write_json(run_dir / "metrics.json", record)
         raise RunInterrupted(
-            f"interrupted after {epochs} finished epochs; rerun with resume=true to continue"
+            f"interrupted; {last} holds {epochs} finished epochs: rerun with resume=true to continue from there"
         ) from None
 
 

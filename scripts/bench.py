@@ -235,7 +235,7 @@ class HookTimes(Profiler):
 PARTS: dict[str, Callable[[str], bool]] = {
     "steps": lambda action: action == "run_training_batch" or action.endswith(".validation_step"),
     "data": lambda action: action.endswith(("_dataloader_next", "].val_next", ".batch_to_device", "_dataloader")),
-    "checkpoint": lambda action: "ModelCheckpoint" in action or action == "save_checkpoint",
+    "checkpoint": lambda action: "Checkpoint{" in action or action == "save_checkpoint",  # Model-, LastCheckpoint
     "progress_bar": lambda action: "ProgressBar" in action,
     "metrics_and_logging": lambda action: action.startswith("[LightningModule]") and action.endswith("_epoch_end"),
     "callbacks": lambda action: action.startswith("[Callback]"),

@@ -14,10 +14,18 @@ import pytest
 import torch
 from conftest import ROOT, compose_config, run_train, tiny_overrides
 
+from alexnet_lab.callbacks import history_from_checkpoint
 from alexnet_lab.train import reset_job_state
 
 # long enough (about a second of training) that a signal lands mid-run
-LONG_RUN = ["trainer.max_epochs=8", "data.synthetic.counts={cat:60,dog:40}", "data.augment=true", "model.dropout=0.5"]
+# last.ckpt after epochs 3, 6 and 8: a kill as soon as the first exists lands between two saves
+LONG_RUN = [
+    "trainer.max_epochs=8",
+    "checkpoint_every=3",
+    "data.synthetic.counts={cat:60,dog:40}",
+    "data.augment=true",
+    "model.dropout=0.5",
+]
 
 
 def comparable(metrics: dict) -> dict:
@@ -132,6 +140,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_metrics(uninterrupted):
     process = start_and_signal(tmp_path, run_dir, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists(), "the run finished before the kill: make LONG_RUN longer"
+    saved = history_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert len(saved) in (3, 6)  # killed after a save, before the next: the epochs since are trained again
     result = run_train([*tiny_overrides(tmp_path), *LONG_RUN, "resume=true", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from" in result.stdout + result.stderr

@@ -38,7 +38,14 @@ ON_LOCAL_SLURM = [
     "hydra.launcher.mem_gb=1",
 ]
 #: a run long enough (10 epochs, about 3 s on 2 cores) that a signal lands mid-run
-LONG_RUN = ["trainer.max_epochs=10", "data.synthetic.counts={cat:60,dog:40}", "data.augment=true", "model.dropout=0.5"]
+# last.ckpt after every epoch, so the requeue signal comes early in the run, whatever the default policy
+LONG_RUN = [
+    "trainer.max_epochs=10",
+    "checkpoint_every=1",
+    "data.synthetic.counts={cat:60,dog:40}",
+    "data.augment=true",
+    "model.dropout=0.5",
+]
 #: what the script starts and stop must leave behind no more of
 DAEMONS = ("munged", "slurmctld", "slurmd", "slurmstepd")
 

@@ -444,6 +444,7 @@ def test_the_breakdown_keeps_what_only_the_epoch_encloses_and_names_its_part():
         "[_EvaluationLoop].val_next": "data",
         "[Strategy]SingleDeviceStrategy.batch_to_device": "data",
         "[Callback]ModelCheckpoint{'monitor': 'val/acc'}.on_train_epoch_end": "checkpoint",
+        "[Callback]LastCheckpoint{'monitor': None, 'every_n_epochs': 5}.on_train_end": "checkpoint",
         "[Callback]RichProgressBar.on_train_batch_end": "progress_bar",
         "[Callback]TQDMProgressBar.on_validation_batch_end": "progress_bar",
         "[LightningModule]AlexNetClassifier.on_validation_epoch_end": "metrics_and_logging",

@@ -9,6 +9,7 @@ import torch
 from conftest import compose_config, run_train, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from alexnet_lab.callbacks import history_from_checkpoint
 from alexnet_lab.cli import load
 from alexnet_lab.config import LabConfig
 from alexnet_lab.errors import ConfigError
@@ -121,6 +122,27 @@ def test_same_seed_same_numbers(tmp_path):
     assert strip_time[0] == strip_time[1]
     other = train(compose_config(*tiny_overrides(tmp_path, epochs=2), "seed=1"), tmp_path / "c")
     assert other["history"][-1]["train/loss"] != runs[0]["history"][-1]["train/loss"]
+
+
+def test_best_ckpt_is_the_best_epochs_weights_and_last_ckpt_the_whole_run_whatever_the_checkpoint_policy(tmp_path):
+    runs = {}
+    for every in (1, 3):  # 5 epochs: saves of last.ckpt after epochs 3 and 5 (the end) with checkpoint_every=3
+        run_dir = tmp_path / f"every_{every}"
+        cfg = compose_config(*tiny_overrides(tmp_path, epochs=5), "optim.lr=3e-3", f"checkpoint_every={every}")
+        metrics = train(cfg, run_dir)
+        best, last = (
+            torch.load(run_dir / "checkpoints" / name, weights_only=True) for name in ("best.ckpt", "last.ckpt")
+        )
+        runs[every] = metrics, best, last
+        accs = [row["val/acc"] for row in metrics["history"]]
+        assert best["epoch"] == accs.index(max(accs))  # the first epoch of the best val accuracy
+        assert history_from_checkpoint(run_dir / "checkpoints" / "last.ckpt") == metrics["history"]
+    (m1, best1, last1), (m3, best3, last3) = runs[1], runs[3]
+    assert m1["val_acc_best"] == m3["val_acc_best"] and m1["test_acc"] == m3["test_acc"]
+    for key, weight in best1["state_dict"].items():
+        assert torch.equal(weight, best3["state_dict"][key]), key
+    for key, weight in last1["state_dict"].items():
+        assert torch.equal(weight, last3["state_dict"][key]), key
 
 
 @pytest.mark.slow
