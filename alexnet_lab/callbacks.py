@@ -26,7 +26,9 @@ report that cannot be written is a warning in the log, never a failed sweep.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -302,12 +304,16 @@ class SweepReport(Callback):
     """Write report.md, report.csv, curves.png and report.html into the sweep dir, after every job.
 
     So a long sweep shows its results as they come: until the last job the report says "in
-    progress (k of n jobs)". ``metric`` is what the effect of each step is measured on.
+    progress (k of n jobs)". ``metric`` is what the effect of each step is measured on. The
+    report reads every run again, so on a GPU, where a job takes seconds, rewriting it after
+    each one would cost a good part of the sweep: an in-progress report is written at most
+    every ``every_s`` seconds (the first job's always, the last one's and the sweep's end too).
     """
 
-    def __init__(self, html: bool = True, metric: str = "test_balanced_acc") -> None:
-        self.html, self.metric = html, metric
+    def __init__(self, html: bool = True, metric: str = "test_balanced_acc", every_s: float = 60.0) -> None:
+        self.html, self.metric, self.every_s = html, metric, every_s
         self.jobs: int | None = None  # in the whole sweep, when the sweeper says
+        self._written_at = -math.inf  # time.monotonic() of the last in-progress report
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.jobs = _sweep_size(config)
@@ -317,6 +323,9 @@ class SweepReport(Callback):
             sweep_dir = Path(config.hydra.sweep.dir)
             done = sum((path / "metrics.json").is_file() for path in sweep_dir.iterdir() if path.is_dir())
             total = max(self.jobs or done, done)
+            if done < total and time.monotonic() - self._written_at < self.every_s:
+                return  # the next one will say more
+            self._written_at = time.monotonic()
             self._write(sweep_dir, progress=(done, total) if done < total else None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

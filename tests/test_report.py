@@ -468,13 +468,18 @@ def test_callback_writes_the_report_at_the_end_of_a_multirun(tmp_path):
     assert len(read_csv(tmp_path / "report.csv")) == 1
 
 
-def test_callback_rewrites_the_report_after_every_job_marked_in_progress(tmp_path):
+def test_callback_rewrites_the_report_as_jobs_end_marked_in_progress_at_most_every_every_s(tmp_path):
     make_run(tmp_path, "0_bare")
     callback = SweepReport(html=False)
     callback.jobs = 3  # what on_multirun_start found
     callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.COMPLETED))
     assert "In progress (1 of 3 jobs)" in (tmp_path / "report.md").read_text()
     make_run(tmp_path, "1_more", config=with_changes(seed=1))
+    callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.COMPLETED))
+    assert "In progress (1 of 3 jobs)" in (tmp_path / "report.md").read_text()  # within every_s: not rewritten
+    callback.every_s = 0.0
+    callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.COMPLETED))
+    assert "In progress (2 of 3 jobs)" in (tmp_path / "report.md").read_text()
     make_run(tmp_path, "2_failed", metrics={"status": "failed", "error": "x"}, rows=[], config=with_changes(seed=2))
     callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.FAILED))
     report = (tmp_path / "report.md").read_text()
