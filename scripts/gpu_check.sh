@@ -2,7 +2,7 @@
 # The GPU checks of the speed work, in one go, for whoever has a CUDA machine at hand:
 # the GPU tests, the benchmark, and a timed replay of the whole ablation (9 runs) one job at
 # a time, then (time allowing) three jobs sharing the GPU and torch.compile / CUDA graphs.
-# Ends within BUDGET_S seconds (290: 5 minutes; 540 leaves room for the optional steps; REPLAY_S: the
+# Ends within BUDGET_S seconds (420: 7 minutes; 600 leaves room for the optional steps; REPLAY_S: the
 # replay's own limit, 150 s);
 # every figure goes into one file.
 #
@@ -12,7 +12,7 @@
 #                                        # antlr4, the joblib launcher) into DIR (outputs/gpu_deps);
 #                                        # the check puts DIR on PYTHONPATH when it exists
 #
-# OUT_DIR receives gpu_check.json (all figures), bench.json, and gpu_check.log (every step's
+# OUT_DIR receives gpu_check.json (all figures), bench.json, bench_64px.json and gpu_check.log (every step's
 # output); training runs go to a temporary dir. Each step has its own time limit, so a slow or
 # failing step costs its share only; the summary is written whatever happens. Exit status:
 # 0 all steps passed, 1 some step failed or timed out, 2 no CUDA device.
@@ -47,7 +47,7 @@ LOG=$OUT_DIR/gpu_check.log
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [ -d outputs/gpu_deps ] && export PYTHONPATH="$ROOT/outputs/gpu_deps:$PYTHONPATH"
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-290} ))  # every step ends by then; the summary takes seconds
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-420} ))  # every step ends by then; the summary takes seconds
 FAILED=0
 declare -A STEP_MS STEP_STATUS
 
@@ -106,6 +106,9 @@ step tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" tests/tes
 
 # 3. the benchmark: Lightning vs bare on the GPU, bf16, channels-last, preprocessing
 step bench 120 "$PYTHON" scripts/bench.py --json --out "$OUT_DIR/bench.json" ${BENCH_ARGS:-}
+# where the model costs least (64 px, downscale 16), the lab's own cost shows most (issue 14's case)
+QUICK=$([[ "${BENCH_ARGS:-}" == *--quick* ]] && echo --quick)  # a rehearsal's --quick, not its other arguments
+step bench_64px 80 "$PYTHON" scripts/bench.py --json --out "$OUT_DIR/bench_64px.json" data.image_size=64 $QUICK --downscales 16
 
 # 4. the whole ablation replay, one job at a time (the basic launcher), then three sharing the GPU
 REPLAY=("experiment=glob(ablation_*)" trainer.enable_progress_bar=false data.progress=false)
@@ -123,7 +126,7 @@ left=$(( DEADLINE - $(date +%s) ))
 if [ "$left" -ge 90 ]; then
     step compile "$left" "$PYTHON" scripts/bench.py --quick --compile --downscales 16 --json --out "$OUT_DIR/bench_compile.json"
 else
-    echo "=== compile skipped (${left}s left; BUDGET_S=540 leaves room for it)" | tee -a "$LOG"
+    echo "=== compile skipped (${left}s left; BUDGET_S=600 leaves room for it)" | tee -a "$LOG"
 fi
 
 # the summary: every figure in one JSON file
@@ -136,6 +139,11 @@ out, runs, steps = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 summary = {"steps": steps}
 bench = out / "bench.json"
 summary["bench"] = json.loads(bench.read_text()) if bench.exists() else None
+small = out / "bench_64px.json"
+if small.exists():
+    found = json.loads(small.read_text())
+    keys = ("lightning_vs_bare", "lightning_vs_bare_aug", "difference_ms", "epoch_overhead_ms", "step_overhead_ms")
+    summary["bench_64px"] = {key: found.get(key) for key in keys}
 compiled = out / "bench_compile.json"
 if compiled.exists():
     found = json.loads(compiled.read_text())
