@@ -188,8 +188,10 @@ def _command_line_error(error: BaseException) -> str | None:
 
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):  # an override of the wrong type, or an unknown key
-        first, merging = one_line(error), "Error merging override "
-        where = first.removeprefix(merging) if first.startswith(merging) else getattr(cause, "full_key", None) or first
+        first = one_line(error)
+        where = first.removeprefix("Error merging override ")  # the override, as typed
+        if where == first:  # not an override: the key OmegaConf names
+            where = getattr(cause, "full_key", None) or first
         return f"{where}: {one_line(cause)}"
     if isinstance(error, (HydraException, OmegaConfBaseException)):
         return " ".join(str(error).split()).split(" Config search path:")[0]

@@ -96,4 +96,13 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield order[start : start + self.batch_size].tolist()
 
     def __len__(self) -> int:
-        return -(-len(self._order()) // self.batch_size)  # the order itself: its length never drifts from it
+        # counted, not drawn: Lightning asks several times an epoch, and an order is a permutation
+        n = len(self.indices)
+        if self.shuffle and self.balance:
+            counts = np.unique(self.labels[self.indices], return_counts=True)[1]
+            n = len(counts) * int(counts.min())
+        if self.shuffle:
+            n = n // self.num_replicas
+        else:
+            n = len(range(self.rank, n, self.num_replicas))
+        return -(-n // self.batch_size)
