@@ -6,7 +6,7 @@
     python scripts/bench.py trainer.enable_progress_bar=false   # extra overrides for every run
 
 All on the embedded data set at 256 px (generated into data/ on first use, like `python
-train.py`), in one process, measurements interleaved (A B, B A, ...) because these machines
+train.py`), in one process, measurements interleaved (A B C, B C A, ...) because these machines
 are noisy; ratios are of medians.
 
 - ``lightning_vs_bare`` (``_aug``: with ``data.augment=true``): images/s of real training
@@ -16,6 +16,11 @@ are noisy; ratios are of medians.
   augmentation call, forward/backward/step of the same net and optimizer, the same validation
   pass; no metrics, hooks or checkpoints), per ``model.downscale``. An epoch runs from one
   epoch's start to the next's; each run's first epoch is a warm-up and not counted.
+- ``floor_vs_bare``, ``lightning_vs_floor``, ``floor_step_overhead_ms``: a third contender,
+  Lightning by itself (our datamodule and net, the module without its metrics or logging, a
+  Trainer with no callbacks, loggers, checkpoints or progress bar): what Lightning's automatic
+  loop costs on its own, and what the lab adds on top of it. ``lightning_vs_bare`` cannot pass
+  ``floor_vs_bare`` without leaving Lightning's loop.
 - ``pipeline_overhead``: the fraction of a Lightning epoch spent outside the train and
   validation steps' forward/backward/step (sampling, batching, augmentation, hooks, metrics,
   logging, checkpoints); ``pipeline_overhead_bare``: the same for the bare loop (its data work).
@@ -350,6 +355,43 @@ def lightning_epochs(
     return clock.epochs[1:], total - sum(epoch.seconds for epoch in clock.epochs)
 
 
+class FloorModule(AlexNetClassifier):
+    """The lab's module with nothing of the lab around it: the same forward, loss and optimizer; no metrics, no logging."""
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.forward(batch[0])
+        return F.cross_entropy(logits, batch[1]), logits
+
+    def on_train_epoch_end(self) -> None:
+        pass
+
+    def on_validation_epoch_end(self) -> None:
+        pass
+
+
+def floor_epochs(cfg: Any, dm: ImageFolderDataModule, device: torch.device) -> list[Epoch]:
+    """Lightning's own floor: our datamodule and net in a Trainer with no callbacks, loggers, checkpoints or bar.
+
+    What Lightning's automatic loop costs by itself over the bare loop; the lab cannot go below it
+    without leaving that loop. Epochs after the first, as :func:`lightning_epochs`.
+    """
+    clock = EpochClock(device)
+    module = FloorModule(plain(cfg.model), plain(cfg.optim), dm.classes, dm.in_channels)
+    trainer = pl.Trainer(
+        **{key: cfg.trainer[key] for key in ("max_epochs", "accelerator", "devices", "precision")},
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[clock, clock.starter],
+        **{key: cfg.trainer[key] for key in ("limit_train_batches", "limit_val_batches") if key in cfg.trainer},
+    )
+    trainer.fit(module, datamodule=dm)
+    return clock.epochs[1:]
+
+
 @dataclass
 class BareLoop:
     """The same work as a training epoch of ours, as a plain loop: no Lightning, metrics, hooks or checkpoints."""
@@ -425,33 +467,50 @@ class BareLoop:
 
 
 def compare(cfg: Any, dm: ImageFolderDataModule, work: Path, device: torch.device, rounds: int) -> dict[str, Any]:
-    """Lightning and bare epochs of one config, interleaved; medians and their ratio."""
+    """Lightning (ours and by itself) and bare epochs of one config, interleaved; medians and their ratios."""
     light: list[Epoch] = []
+    floor: list[Epoch] = []
     bare: list[Epoch] = []
     run_overhead: list[float] = []
     epochs = int(cfg.trainer.max_epochs)
     others_before, started = cpu_seconds_of_others(), time.perf_counter()
+    sides = ["lightning", "floor", "bare"]
     for round_ in range(rounds):
-        for side in ("lightning", "bare") if round_ % 2 == 0 else ("bare", "lightning"):
+        for side in sides[round_ % 3 :] + sides[: round_ % 3]:  # each side first in turn
             if side == "lightning":
                 measured, overhead = lightning_epochs(cfg, work, device)
                 light += measured
                 run_overhead.append(overhead)
+            elif side == "floor":
+                pl.seed_everything(cfg.seed, verbose=False)
+                floor += floor_epochs(cfg, dm, device)
             else:
                 pl.seed_everything(cfg.seed, verbose=False)
                 loop = BareLoop(dm, cfg, device)
                 bare += [loop.epoch(e) for e in range(epochs)][1:]  # the first is a warm-up, as above
     light_rate = statistics.median(e.rate for e in light)
+    floor_rate = statistics.median(e.rate for e in floor)
     bare_rate = statistics.median(e.rate for e in bare)
     overhead = overhead_ms(cfg, work, device, light, bare)
     return {
         "ratio": light_rate / bare_rate,
+        "floor_ratio": floor_rate / bare_rate,  # Lightning by itself
+        "ours_vs_floor": light_rate / floor_rate,  # what the lab adds to Lightning
+        "floor_step_overhead_ms": (  # a step of Lightning by itself minus a bare one
+            statistics.median(e.step_seconds for e in floor) - statistics.median(e.step_seconds for e in bare)
+        )
+        * 1000
+        / statistics.median(e.steps for e in bare),
         "lightning_images_per_s": light_rate,
         "bare_images_per_s": bare_rate,
         "overhead": statistics.median(1 - e.step_seconds / e.seconds for e in light),
         "overhead_bare": statistics.median(1 - e.step_seconds / e.seconds for e in bare),
         "run_overhead_s": statistics.median(run_overhead),
-        "epoch_s": {"lightning": [e.seconds for e in light], "bare": [e.seconds for e in bare]},
+        "epoch_s": {
+            "lightning": [e.seconds for e in light],
+            "floor": [e.seconds for e in floor],
+            "bare": [e.seconds for e in bare],
+        },
         "page_faults": {"lightning": [e.page_faults for e in light], "bare": [e.page_faults for e in bare]},
         "others_cores": (cpu_seconds_of_others() - others_before) / (time.perf_counter() - started),
         **overhead,
@@ -675,10 +734,13 @@ def lightning_vs_bare(
             dm.data.augment = augment
             if args.wait_quiet:
                 wait_for_quiet(args.wait_quiet)
-            found = compare(cfg, dm, work, device, rounds=1 if args.quick else 2)
+            found = compare(cfg, dm, work, device, rounds=1 if args.quick else 3)
             name = f"d{downscale}"
             values = {
                 "lightning_vs_bare": found["ratio"],
+                "floor_vs_bare": found["floor_ratio"],
+                "lightning_vs_floor": found["ours_vs_floor"],
+                "floor_step_overhead_ms": found["floor_step_overhead_ms"],
                 "pipeline_overhead": found["overhead"],
                 "pipeline_overhead_bare": found["overhead_bare"],
                 "images_per_s": {"lightning": found["lightning_images_per_s"], "bare": found["bare_images_per_s"]},
@@ -713,6 +775,10 @@ def table(result: dict[str, Any], rows: list[tuple[str, dict[str, Any]]]) -> str
         lines.append(
             f"{'':<9} ours - bare = {found['difference_ms']:.1f} ms per epoch: {parts} ms,"
             f" and {found['step_overhead_ms']:.2f} ms x {found['steps_per_epoch']:.0f} steps"
+        )
+        lines.append(
+            f"{'':<9} Lightning alone / bare {found['floor_ratio']:.3f} ({found['floor_step_overhead_ms']:.2f} ms a step);"
+            f" ours / Lightning alone {found['ours_vs_floor']:.3f}"
         )
     for key in ("channels_last_speedup", "bf16_speedup", "cudnn_benchmark_speedup"):
         if key in result:

@@ -406,12 +406,17 @@ def test_the_benchmark_runs_and_reports_each_figure(tmp_path):
     found = json.loads(done.stdout)
     assert found == json.loads(out.read_text())
     assert found["data"]["image_size"] == 64 and found["quick"] is True
-    for key in ("lightning_vs_bare", "lightning_vs_bare_aug", "channels_last_speedup", "bf16_speedup"):
+    keys = ("lightning_vs_bare", "lightning_vs_bare_aug", "floor_vs_bare", "lightning_vs_floor", "floor_vs_bare_aug")
+    for key in (*keys, "channels_last_speedup", "bf16_speedup"):
         assert list(found[key]) == ["d16"] and 0 < found[key]["d16"] < 10, (key, found[key])
     for key in ("pipeline_overhead", "pipeline_overhead_bare"):
         assert 0 <= found[key]["d16"] < 1, (key, found[key])
     # three epochs per run, the first a warm-up: two measured epochs of each side
-    assert {side: len(seconds) for side, seconds in found["epoch_s"]["d16"].items()} == {"lightning": 2, "bare": 2}
+    epochs = {side: len(seconds) for side, seconds in found["epoch_s"]["d16"].items()}
+    assert epochs == {"lightning": 2, "floor": 2, "bare": 2}
+    # ours over Lightning alone, times Lightning alone over bare, is ours over bare (medians of the same epochs)
+    product = found["lightning_vs_floor"]["d16"] * found["floor_vs_bare"]["d16"]
+    assert product == pytest.approx(found["lightning_vs_bare"]["d16"], abs=0.01)
     assert found["preprocess_vs_naive"] > 0
     # where the extra time goes: the tiny runs write checkpoints and metrics every epoch, show no progress bar
     parts = found["epoch_overhead_ms"]["d16"]
