@@ -307,13 +307,14 @@ class SweepReport(Callback):
     progress (k of n jobs)". ``metric`` is what the effect of each step is measured on. The
     report reads every run again, so on a GPU, where a job takes seconds, rewriting it after
     each one would cost a good part of the sweep: an in-progress report is written at most
-    every ``every_s`` seconds (the first job's always, the last one's and the sweep's end too).
+    every ``every_s`` seconds (the first job's always, and the last one's or else the sweep's end).
     """
 
     def __init__(self, html: bool = True, metric: str = "test_balanced_acc", every_s: float = 60.0) -> None:
         self.html, self.metric, self.every_s = html, metric, every_s
         self.jobs: int | None = None  # in the whole sweep, when the sweeper says
         self._written_at = -math.inf  # time.monotonic() of the last in-progress report
+        self._complete = False  # the last job's report is written: the sweep's end has nothing to add
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.jobs = _sweep_size(config)
@@ -325,11 +326,13 @@ class SweepReport(Callback):
             total = max(self.jobs or done, done)
             if done < total and time.monotonic() - self._written_at < self.every_s:
                 return  # the next one will say more
-            self._written_at = time.monotonic()
+            self._written_at, self._complete = time.monotonic(), done >= total
             self._write(sweep_dir, progress=(done, total) if done < total else None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._write(Path(config.hydra.sweep.dir), progress=None)
+        # a parallel launcher ends jobs in other processes, whose reports this one does not know of
+        if not self._complete:
+            self._write(Path(config.hydra.sweep.dir), progress=None)
 
     def _write(self, sweep_dir: Path, progress: tuple[int, int] | None) -> None:
         try:

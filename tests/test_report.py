@@ -484,6 +484,9 @@ def test_callback_rewrites_the_report_as_jobs_end_marked_in_progress_at_most_eve
     callback.on_job_end(config=sweep_config(tmp_path), job_return=JobReturn(status=JobStatus.FAILED))
     report = (tmp_path / "report.md").read_text()
     assert "In progress" not in report and "3 runs, 2 finished." in report  # the last job: complete
+    (tmp_path / "report.md").unlink()
+    callback.on_multirun_end(config=sweep_config(tmp_path))
+    assert not (tmp_path / "report.md").exists(), "the sweep's end does not write the last job's report again"
 
 
 def test_callback_never_fails_the_sweep(tmp_path, caplog):
