@@ -179,16 +179,6 @@ def letterbox(image: Image.Image, size: int, fill: int = _FILL) -> Image.Image:
     return _pad(_fit(image, size), size, fill)
 
 
-def _draft_request(width: int, height: int, size: int) -> tuple[int, int]:
-    """The size to ask JPEG draft for so that the long side after it is still >= size.
-
-    Draft divides both sides by the largest of 8, 4, 2, 1 that is <= min(w // rw, h // rh);
-    asking for the letterboxed size (long side = size) keeps that divisor <= long / size.
-    """
-    scale = size / max(width, height)
-    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
-
-
 def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
     """Convert any Pillow mode to 8-bit "L" or "RGB" (16-bit scaled, alpha composited on black)."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
@@ -234,7 +224,11 @@ def _open_upright(path: Path, size: int, mode: str, max_image_pixels: int) -> Im
             )
         # JPEG (and MPO) decode at 1/2, 1/4 or 1/8 scale, straight to gray, when the target is
         # small enough; other formats ignore draft. Animated files decode their first frame.
-        image.draft(mode, _draft_request(width, height, size))
+        # Draft divides both sides by the largest of 8, 4, 2, 1 that is <= min(w // rw, h // rh);
+        # asking for the letterboxed size (long side = size) keeps that divisor <= long / size,
+        # so the long side after it is still >= size.
+        scale = size / max(width, height)
+        image.draft(mode, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
         image.load()  # decode now, so a truncated file fails here
         upright: Image.Image = image
         try:
@@ -274,28 +268,25 @@ def _grey_level_std(image: Image.Image) -> float:
 
 # ----------------------------------------------------------------------------- why a file fails
 
-_IMAGE_MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
+_MAGIC = (  # (first bytes, format name, whether we can decode it)
+    ((b"\xff\xd8\xff",), "JPEG", True),
+    ((b"\x89PNG\r\n\x1a\n",), "PNG", True),
+    ((b"GIF87a", b"GIF89a"), "GIF", True),
+    ((b"II*\x00", b"MM\x00*"), "TIFF", True),
+    ((b"%PDF",), "PDF", False),
+    ((b"8BPS",), "PSD", False),
+    ((b"%!PS", b"\xc5\xd0\xd3\xc6"), "EPS", False),
 )
-_OTHER_MAGIC = ((b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"))
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 
 def _sniff(head: bytes) -> tuple[str, bool]:
     """(format name, whether we could decode it) from a file's first bytes; ("", False) if unknown."""
-    for magic, name in _IMAGE_MAGIC:
-        if head.startswith(magic):
-            return name, True
+    for magics, name, decodable in _MAGIC:
+        if head.startswith(magics):
+            return name, decodable
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP", True
-    for magic, name in _OTHER_MAGIC:
-        if head.startswith(magic):
-            return name, False
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         if brand in _HEIF_BRANDS:
@@ -534,7 +525,7 @@ def _screen_without_decoding(
     for i, (raw, _) in enumerate(samples):
         if raw.size > 0:
             by_size[raw.size].append(i)
-        elif raw.relative not in reasons:
+        else:
             reasons[raw.relative] = EMPTY
 
     def repeated(members: list[int]) -> bool:
@@ -577,8 +568,8 @@ def _is_complete(path: Path) -> bool:
 def load_cache(path: Path) -> Cache:
     """Open a complete cache folder; images are memory-mapped read-only."""
     path = Path(path)
-    if not _is_complete(path):
-        missing = [name for name in CACHE_FILES if not (path / name).is_file()]
+    missing = [name for name in CACHE_FILES if not (path / name).is_file()]
+    if missing:
         raise DataError(
             f"cache {path} is incomplete (missing {', '.join(missing)}): delete that folder and build it again"
         )
@@ -588,8 +579,7 @@ def load_cache(path: Path) -> Cache:
         labels = np.load(path / "labels.npy")
         with open(path / "manifest.csv", newline="", encoding="utf-8", errors=_ERRORS) as handle:
             rows = list(csv.DictReader(handle))
-        kept = [row for row in rows if row["status"] == "kept"]
-        kept.sort(key=lambda row: int(row["index"]))
+        kept = sorted((row for row in rows if row["status"] == "kept"), key=lambda row: int(row["index"]))
         size = int(meta["image_size"])
         channels = 1 if meta["grayscale"] else 3
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -619,9 +609,8 @@ def load_cache(path: Path) -> Cache:
 
 
 def _default_workers() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))  # respects CPU pinning in containers
-    return os.cpu_count() or 1
+    # sched_getaffinity respects CPU pinning in containers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _decode_all(
