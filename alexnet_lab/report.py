@@ -25,6 +25,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -187,7 +188,7 @@ def load_run(path: str | Path) -> Run:
     """Read one run dir; a missing or damaged ``metrics.json`` becomes the run's status, not an error."""
     path = Path(path)
     config = _load_yaml(path / ".hydra" / "config.yaml")
-    hydra_cfg = _load_yaml(path / ".hydra" / "hydra.yaml").get("hydra", {})
+    hydra_cfg = _load_yaml(path / ".hydra" / "hydra.yaml").get("hydra") or {}  # a torn file may end at "hydra:"
     choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
     try:
         metrics = json.loads((path / "metrics.json").read_text())
@@ -250,18 +251,9 @@ def load_runs(path: str | Path) -> list[Run]:
 
 def _spans(epochs: Sequence[int]) -> list[tuple[int, int]]:
     """``[0, 1, 2, 5]`` -> ``[(0, 2), (5, 5)]``: runs of consecutive epochs, first and last."""
-    spans: list[tuple[int, int]] = []
-    for epoch in epochs:
-        if spans and epoch == spans[-1][1] + 1:
-            spans[-1] = (spans[-1][0], epoch)
-        else:
-            spans.append((epoch, epoch))
-    return spans
-
-
-def _epochs(epochs: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
-    return ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in _spans(epochs))
+    # consecutive epochs have the same epoch - position
+    streaks = [[epoch for _, epoch in group] for _, group in groupby(enumerate(epochs), lambda p: p[1] - p[0])]
+    return [(streak[0], streak[-1]) for streak in streaks]
 
 
 def learning_text(run_phases: Mapping[str, Any]) -> str:
@@ -269,14 +261,11 @@ def learning_text(run_phases: Mapping[str, Any]) -> str:
     if run_phases.get("best_epoch") is None:
         return ""
     left = run_phases["left_chance_epoch"]
-    parts = [f"one class {_epochs(run_phases['collapsed_epochs'])}"] if run_phases["collapsed_epochs"] else []
+    spans = _spans(run_phases["collapsed_epochs"])
+    collapsed = ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in spans)
+    parts = [f"one class {collapsed}"] if collapsed else []  # epochs [0, 1, 2, 5]: "one class 0-2, 5"
     parts.append("never left chance" if left is None else f"left chance {left}")
     return "; ".join([*parts, f"best {run_phases['best_epoch']}"])
-
-
-def _interval(metrics: Mapping[str, Any], key: str) -> tuple[float, float]:
-    ends = metrics.get(f"{key}_ci")
-    return (float(ends[0]), float(ends[1])) if isinstance(ends, list) and len(ends) == 2 else (math.nan, math.nan)
 
 
 def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -294,8 +283,11 @@ def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "error": run.error,
             "dir": run.path.name,
         }
-        for key in WITH_INTERVAL:
-            row[f"{key}_low"], row[f"{key}_high"] = _interval(run.metrics, key)
+        for key in WITH_INTERVAL:  # metrics.json's [low, high]
+            ends = run.metrics.get(f"{key}_ci")
+            if not isinstance(ends, list) or len(ends) != 2:
+                ends = [math.nan, math.nan]
+            row[f"{key}_low"], row[f"{key}_high"] = float(ends[0]), float(ends[1])
         row.update({key: run.phases.get(key) for key in PHASE_KEYS})
         rows.append(row)
     return rows
@@ -457,12 +449,6 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
     return _text(row[key], key) + interval
 
 
-def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 PHASES_RULE = (
     "Learning phases (epochs from 0): `one class`, epochs whose val predictions went (almost) all to one "
     "class; `left chance`, the first epoch from which val balanced accuracy stayed above chance to the end; "
@@ -476,7 +462,8 @@ def report_markdown(report: Report) -> str:
     parts = [f"# Sweep report: {report.title}" if report.title else "# Sweep report", "", report.status_line, ""]
     parts += [f"- {sentence}" for sentence in report.summary] + [""]
     for heading, headers, cells in report.tables:
-        parts += [f"## {heading}", "", _markdown_table(headers, cells), ""]
+        parts += [f"## {heading}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        parts += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells] + [""]
     parts += ["![one panel per experiment: accuracy and loss per epoch](curves.png)", ""]
     parts += ["Interactive curves: report.html.", "", "## Verdicts", ""]
     parts += [f"- `{name}`: {text}" for name, text in report.rules.items()] + ["", PHASES_RULE]
@@ -505,18 +492,14 @@ def _csv_value(key: str, value: Any) -> Any:
     return int(value) if key == "epochs" else round(value, 6)
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def report_html(report: Report, figure: go.Figure) -> str:
     """report.html: the summary, the tables and the interactive ``figure``, plotly.js embedded so it opens offline."""
     summary = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in report.summary)
-    tables = "".join(
-        f"<h2>{html.escape(heading)}</h2>" + _html_table(headers, cells) for heading, headers, cells in report.tables
-    )
+    tables = ""
+    for heading, headers, cells in report.tables:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+        tables += f"<h2>{html.escape(heading)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     plot = figure.to_html(full_html=False, include_plotlyjs=True)
     rules = "".join(f"<li><code>{name}</code>: {html.escape(text)}</li>" for name, text in report.rules.items())
     style = (
@@ -557,7 +540,7 @@ def experiment_curve(experiment: Experiment, key: str) -> tuple[np.ndarray, np.n
 
 @dataclass
 class Panel:
-    """What one experiment's panel shows, computed once for both figures."""
+    """What one experiment's panel shows, the same in both figures."""
 
     title: str
     epochs: np.ndarray  # (E,) from 0
@@ -640,7 +623,21 @@ def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figur
                 secondary_y=secondary,
                 **where,
             )
-        _mark_phases(figure, panel, where)
+        for first, last in _spans(panel.phases["collapsed_epochs"]):
+            figure.add_vrect(x0=first - 0.5, x1=last + 0.5, fillcolor="grey", opacity=0.15, line_width=0, **where)
+        if panel.phases["left_chance_epoch"] is not None:
+            figure.add_vline(x=panel.phases["left_chance_epoch"], line={"color": "green", "dash": "dot"}, **where)
+        best = panel.phases["best_epoch"]
+        if best is not None:
+            figure.add_scatter(
+                x=[best],
+                y=[panel.curves["val/acc"][0][best]],
+                mode="markers",
+                marker={"symbol": "star", "size": 11, "color": "green"},
+                showlegend=False,
+                hovertemplate="best val acc %{y:.3f}, epoch %{x}<extra></extra>",
+                **where,
+            )
     figure.update_yaxes(range=[0.0, 1.02], secondary_y=False, title_text="accuracy")
     figure.update_yaxes(type="log", secondary_y=True, title_text="loss")
     figure.update_xaxes(title_text="epoch")
@@ -652,24 +649,6 @@ def plot_training_stats(source: str | Path | Sequence[Run] | Report) -> go.Figur
         margin={"t": 90, "b": 40},
     )
     return figure
-
-
-def _mark_phases(figure: go.Figure, panel: Panel, where: dict[str, int]) -> None:
-    for first, last in _spans(panel.phases["collapsed_epochs"]):
-        figure.add_vrect(x0=first - 0.5, x1=last + 0.5, fillcolor="grey", opacity=0.15, line_width=0, **where)
-    if panel.phases["left_chance_epoch"] is not None:
-        figure.add_vline(x=panel.phases["left_chance_epoch"], line={"color": "green", "dash": "dot"}, **where)
-    best = panel.phases["best_epoch"]
-    if best is not None:
-        figure.add_scatter(
-            x=[best],
-            y=[panel.curves["val/acc"][0][best]],
-            mode="markers",
-            marker={"symbol": "star", "size": 11, "color": "green"},
-            showlegend=False,
-            hovertemplate="best val acc %{y:.3f}, epoch %{x}<extra></extra>",
-            **where,
-        )
 
 
 def plot_curves_png(report: Report, path: str | Path, dpi: int = 90) -> Path:
@@ -749,7 +728,7 @@ def write_report(
     out = Path(path)
     if out.is_file():
         out = out.parent
-    report = build_report(load_runs(out), out.name, metric=metric, progress=progress)  # computed once for all
+    report = build_report(out, out.name, metric=metric, progress=progress)  # computed once for all
     written = {
         "report.md": _write_text(out / "report.md", report_markdown(report)),
         "report.csv": _write_text(out / "report.csv", report_csv(report)),

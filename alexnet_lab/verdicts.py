@@ -72,7 +72,7 @@ def verdicts(
 
     if classes:
         pred_frac = _column(history, *(f"val/pred_frac/{c}" for c in classes))  # (epochs, classes)
-        if pred_frac.size and _end_mean(pred_frac.max(axis=1), t.window) >= t.collapsed_pred_frac:
+        if _end_mean(pred_frac.max(axis=1), t.window) >= t.collapsed_pred_frac:  # no rows: NaN, no verdict
             found.add("collapsed")
         balanced = _column(history, "val/balanced_acc")[:, 0]
         if _end_mean(balanced, t.window) <= 1 / len(classes) + t.chance_margin:

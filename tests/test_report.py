@@ -244,6 +244,7 @@ def test_report_lists_failed_missing_and_damaged_runs(tmp_path):
     make_run(sweep, "3_killed", write_metrics=False, config=with_changes(model={"downscale": 2}))
     make_run(sweep, "4_torn", write_metrics=False, config=with_changes(model={"downscale": 1}))
     (sweep / "4_torn" / "metrics.json").write_text('{"status": "ok", "hist')
+    (sweep / "1_collapsed" / ".hydra" / "hydra.yaml").write_text("hydra:\n")  # torn too: a run read without it
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     (sweep / "not_a_run").mkdir()
 
