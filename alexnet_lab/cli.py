@@ -10,6 +10,7 @@ recorded in the run dir with its traceback in the run's log, and re-raised.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import io
@@ -25,7 +26,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -92,8 +96,6 @@ def _config_subdir(resume: bool) -> str | None:
 
     So a resumed sweep leaves the files of its finished jobs as they were.
     """
-    from hydra.core.hydra_config import HydraConfig
-
     if resume and finished_metrics(Path(HydraConfig.get().runtime.output_dir)) is not None:
         return None
     return ".hydra"
@@ -149,16 +151,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _traceback_to_log_file(message: str, error: BaseException) -> None:
-    """``message`` and the error's traceback into the run's log file only: the terminal gets one line."""
-    record = log.makeRecord(
-        log.name, logging.ERROR, __file__, 0, message, (), (type(error), error, error.__traceback__)
-    )
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
 @contextlib.contextmanager
 def error_policy(run_dir: Path | None = None, overrides: Sequence[str] = (), multirun: bool = False) -> Iterator[None]:
     """Bad input: one ``error:`` line and exit 2; in a multirun, recorded and re-raised so the sweep goes on.
@@ -173,29 +165,18 @@ def error_policy(run_dir: Path | None = None, overrides: Sequence[str] = (), mul
         bad_input = isinstance(err, LabError)
         message = one_line(err) if bad_input else f"{type(err).__name__}: {one_line(err)}"
         if run_dir is not None:
-            _traceback_to_log_file(f"{'error' if bad_input else 'run failed'}: {message}", err)
+            # the message and its traceback into the run's log file only: the terminal gets one line
+            text = f"{'error' if bad_input else 'run failed'}: {message}"
+            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, (), (type(err), err, err.__traceback__))
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
             write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": list(overrides)})
         if bad_input and not multirun:
             fail(message)  # once, on stderr: Hydra's log handler writes to stdout
         if run_dir is not None:
             print(f"error: {message}", file=sys.stderr)  # this job's one line; the sweep goes on
         raise
-
-
-def _command_line_error(error: BaseException) -> str | None:
-    """One line for an error in the command line itself (Hydra or OmegaConf rejected it), else None."""
-    from hydra.errors import HydraException
-
-    cause = error.__cause__
-    if isinstance(cause, OmegaConfBaseException):  # an override of the wrong type, or an unknown key
-        first = one_line(error)
-        where = first.removeprefix("Error merging override ")  # the override, as typed
-        if where == first:  # not an override: the key OmegaConf names
-            where = getattr(cause, "full_key", None) or first
-        return f"{where}: {one_line(cause)}"
-    if isinstance(error, (HydraException, OmegaConfBaseException)):
-        return " ".join(str(error).split()).split(" Config search path:")[0]
-    return None
 
 
 def run_command(main: Callable[[], Any]) -> None:
@@ -222,9 +203,16 @@ def run_command(main: Callable[[], Any]) -> None:
             raise
         if isinstance(error, LabError):  # a job of a multirun had bad input; its run dir records it
             fail(one_line(error), status=1)
-        message = _command_line_error(error)
-        if message is not None:
-            fail(message)
+        # a mistake in the command line itself: Hydra or OmegaConf rejected it
+        cause = error.__cause__
+        if isinstance(cause, OmegaConfBaseException):  # an override of the wrong type, or an unknown key
+            first = one_line(error)
+            where = first.removeprefix("Error merging override ")  # the override, as typed
+            if where == first:  # not an override: the key OmegaConf names
+                where = getattr(cause, "full_key", None) or first
+            fail(f"{where}: {one_line(cause)}")
+        if isinstance(error, (HydraException, OmegaConfBaseException)):
+            fail(" ".join(str(error).split()).split(" Config search path:")[0])
         # a job of a multirun failed (recorded in its run dir), or something broke outside any run
         fail(f"{type(error).__name__}: {one_line(error)} (the run's log has the traceback)", status=1)
 
@@ -252,25 +240,20 @@ def quote_paths(argv: Sequence[str]) -> list[str]:
     return quoted
 
 
-#: Hydra's own options that take the next argument as their value.
-_HYDRA_VALUE_OPTIONS = frozenset(
-    "--cfg -c --package -p --config-path -cp --config-name -cn --config-dir -cd --experimental-rerun".split()
-)
-_HYDRA_INFO_VALUES = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})
-
-
 def split_path_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split a command line into Hydra's arguments and plain paths (no ``=``, not an option).
 
     ``predict.py ckpt_path=run photos/*.jpg`` then works with the shell's glob. An argument
     naming a file or folder that exists is a path, even with ``=`` in its name (a run dir).
     """
+    # Hydra's own options that take a value (--info an optional one: only a name it knows)
+    options = {name: action for action in get_args_parser()._actions for name in action.option_strings}
     hydra_args: list[str] = []
     paths: list[str] = []
     previous = ""
     for argument in argv:
-        is_info_value = previous in ("--info", "-i") and argument in _HYDRA_INFO_VALUES
-        is_value = previous in _HYDRA_VALUE_OPTIONS or is_info_value
+        option = options.get(previous)
+        is_value = option is not None and (option.nargs is None or argument in (option.choices or ()))
         if is_value or argument.startswith("-") or ("=" in argument and not os.path.exists(argument)):
             hydra_args.append(argument)
         else:
@@ -307,20 +290,17 @@ def eval_command() -> None:
     run_command(_eval)
 
 
-_PREDICT_PATHS: list[str] = []  # predict.py's plain path arguments, taken off the command line before Hydra
-
-
-@hydra.main(version_base="1.3", config_path=CONF, config_name="predict")
-def _predict(cfg: DictConfig) -> None:
-    from alexnet_lab.inference import predict_main
-
-    with error_policy():
-        predict_main(load(cfg, config.PredictConfig), _PREDICT_PATHS)
-
-
 def predict_command() -> None:
     """``python predict.py ckpt_path=RUN photo.jpg photos/ [out=preds.csv]``: paths need no ``key=``."""
-    sys.argv[1:], _PREDICT_PATHS[:] = split_path_arguments(sys.argv[1:])  # Hydra only takes key=value arguments
+    sys.argv[1:], paths = split_path_arguments(sys.argv[1:])  # Hydra only takes key=value arguments
+
+    @hydra.main(version_base="1.3", config_path=CONF, config_name="predict")
+    def _predict(cfg: DictConfig) -> None:
+        from alexnet_lab.inference import predict_main
+
+        with error_policy():
+            predict_main(load(cfg, config.PredictConfig), paths)
+
     run_command(_predict)
 
 
@@ -346,8 +326,6 @@ def preprocess_command() -> None:
 
 def report_command(argv: list[str] | None = None) -> int:
     """``alexnet-lab-report SWEEP_OR_RUN_DIR``: (re)write a sweep's or a run's report and print it."""
-    import argparse
-
     from alexnet_lab.report import write_report
 
     parser = argparse.ArgumentParser(prog="alexnet-lab-report", description=report_command.__doc__)
