@@ -29,7 +29,7 @@ from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from alexnet_lab.callbacks import LastCheckpoint, RunState, history_from_checkpoint
+from alexnet_lab.callbacks import LastCheckpoint, ProgressBar, RunState, history_from_checkpoint
 from alexnet_lab.cli import error_policy, load, write_json
 from alexnet_lab.config import LabConfig
 from alexnet_lab.data.datamodule import ImageFolderDataModule
@@ -198,6 +198,9 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
     # Lightning's own requeue handler would fight submitit's over the same signal. The
     # callbacks the lab depends on are always there, whatever the callbacks group says.
     callbacks = [best, last, guard, RunState(lab.seed), *instantiate_group("callbacks", lab.callbacks)]
+    has_bar = any(isinstance(callback, pl.callbacks.ProgressBar) for callback in callbacks)  # rich_progress_bar
+    if lab.trainer.get("enable_progress_bar", True) and not has_bar:
+        callbacks.append(ProgressBar())  # Lightning's, redrawn at most twice a second
     trainer = pl.Trainer(
         **trainer_arguments(lab.trainer),
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ from conftest import ROOT, compose_config, small_data, tiny_overrides
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from alexnet_lab.callbacks import ProgressBar
 from alexnet_lab.cli import load
 from alexnet_lab.config import LabConfig
 from alexnet_lab.data.augment import AugmentConfig, augment_batch
@@ -35,7 +37,7 @@ from alexnet_lab.data.datamodule import (
     upload_split,
 )
 from alexnet_lab.module import AlexNetClassifier, ConfusionCounts
-from alexnet_lab.train import train
+from alexnet_lab.train import build_trainer, train
 
 sys.path.insert(0, str(ROOT / "scripts"))
 bench = importlib.import_module("bench")  # scripts/bench.py, a script rather than a module of the package
@@ -457,3 +459,58 @@ def test_the_breakdown_keeps_what_only_the_epoch_encloses_and_names_its_part():
         "[LightningModule]AlexNetClassifier.on_validation_model_eval": "validation_setup",
     }
     assert {action: bench.part_of(action) for action in names} == names
+
+
+# ----------------------------------------------------------------------------- the progress bar
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.layer(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("every_s", [3600.0, 0.0])
+def test_the_progress_bar_is_redrawn_at_most_every_every_s_and_after_each_loops_last_batch(capsys, every_s):
+    data = torch.utils.data.TensorDataset(torch.randn(24, 2), torch.randint(0, 2, (24,)))
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ProgressBar(every_s=every_s)],
+    )
+    trainer.fit(Tiny(), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    drawn = capsys.readouterr().out.replace("\n", "\r").split("\r")  # Lightning's bars write to stdout
+    for epoch in (0, 1):
+        counts = {int(m[1]) for line in drawn if (m := re.match(rf"Epoch {epoch}: .*?\| (\d+)/6 ", line))}
+        if every_s:  # the first batch of the fit is drawn (nothing was yet), then only each epoch's last
+            assert counts <= {0, 1, 6} and 6 in counts and not counts & {2, 3, 4, 5}, (epoch, counts)
+        else:
+            assert {1, 2, 3, 4, 5, 6} <= counts, (epoch, counts)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "bar"),
+    [
+        ([], ProgressBar),
+        (["callbacks=[default,rich_progress_bar]"], pl.callbacks.RichProgressBar),
+        (["trainer.enable_progress_bar=false"], None),
+    ],
+)
+def test_a_run_gets_the_lab_s_bar_unless_it_brings_its_own_or_shows_none(tmp_path, overrides, bar):
+    lab = load(compose_config(*tiny_overrides(tmp_path), "trainer.enable_progress_bar=true", *overrides), LabConfig)
+    trainer, _, _ = build_trainer(lab, tmp_path / "run")
+    shown = trainer.progress_bar_callback
+    assert (type(shown) if shown is not None else None) is bar
+    assert sum(isinstance(callback, pl.callbacks.ProgressBar) for callback in trainer.callbacks) == (bar is not None)
