@@ -136,7 +136,7 @@ class ProgressBar(TQDMProgressBar):
         self.every_s = every_s
         self._drawn = -math.inf  # time.monotonic() of the last redraw
 
-    def _should_update(self, current: int, total: int | float) -> bool:
+    def _should_update(self, current: int, total: int) -> bool:
         due = current == total or time.monotonic() - self._drawn >= self.every_s
         if due and super()._should_update(current, total):
             self._drawn = time.monotonic()
