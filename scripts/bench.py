@@ -356,7 +356,7 @@ def lightning_epochs(
 
 
 class FloorModule(AlexNetClassifier):
-    """The lab's module with nothing of the lab around it: the same forward, loss and optimizer; no metrics, no logging."""
+    """The lab's module with nothing of the lab around it: the same forward, loss and optimizer; no metrics or logs."""
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.forward(batch[0])
@@ -777,8 +777,8 @@ def table(result: dict[str, Any], rows: list[tuple[str, dict[str, Any]]]) -> str
             f" and {found['step_overhead_ms']:.2f} ms x {found['steps_per_epoch']:.0f} steps"
         )
         lines.append(
-            f"{'':<9} Lightning alone / bare {found['floor_ratio']:.3f} ({found['floor_step_overhead_ms']:.2f} ms a step);"
-            f" ours / Lightning alone {found['ours_vs_floor']:.3f}"
+            f"{'':<9} Lightning alone / bare {found['floor_ratio']:.3f}"
+            f" ({found['floor_step_overhead_ms']:.2f} ms a step); ours / Lightning alone {found['ours_vs_floor']:.3f}"
         )
     for key in ("channels_last_speedup", "bf16_speedup", "cudnn_benchmark_speedup"):
         if key in result:
