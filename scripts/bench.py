@@ -1,6 +1,6 @@
 """What the lab costs on top of the model: Lightning against a bare PyTorch loop, and the free wins.
 
-    python scripts/bench.py                  # the table (about 2.5 minutes on 2 CPU cores)
+    python scripts/bench.py                  # the table (about 8 minutes on 2 CPU cores)
     python scripts/bench.py --json           # one JSON object on stdout (the table goes to stderr)
     python scripts/bench.py --quick          # a smoke run, under a minute; its ratios are rough
     python scripts/bench.py trainer.enable_progress_bar=false   # extra overrides for every run
@@ -388,7 +388,9 @@ def floor_epochs(cfg: Any, dm: ImageFolderDataModule, device: torch.device) -> l
         callbacks=[clock, clock.starter],
         **{key: cfg.trainer[key] for key in ("limit_train_batches", "limit_val_batches") if key in cfg.trainer},
     )
-    trainer.fit(module, datamodule=dm)
+    quiet = io.StringIO()  # Lightning's banners and warnings stay out of the table, as in lightning_epochs
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        trainer.fit(module, datamodule=dm)
     return clock.epochs[1:]
 
 
