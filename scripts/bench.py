@@ -377,19 +377,19 @@ def floor_epochs(cfg: Any, dm: ImageFolderDataModule, device: torch.device) -> l
     """
     clock = EpochClock(device)
     module = FloorModule(plain(cfg.model), plain(cfg.optim), dm.classes, dm.in_channels)
-    trainer = pl.Trainer(
-        **{key: cfg.trainer[key] for key in ("max_epochs", "accelerator", "devices", "precision")},
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=[clock, clock.starter],
-        **{key: cfg.trainer[key] for key in ("limit_train_batches", "limit_val_batches") if key in cfg.trainer},
-    )
     quiet = io.StringIO()  # Lightning's banners and warnings stay out of the table, as in lightning_epochs
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        trainer = pl.Trainer(
+            **{key: cfg.trainer[key] for key in ("max_epochs", "accelerator", "devices", "precision")},
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+            callbacks=[clock, clock.starter],
+            **{key: cfg.trainer[key] for key in ("limit_train_batches", "limit_val_batches") if key in cfg.trainer},
+        )
         trainer.fit(module, datamodule=dm)
     return clock.epochs[1:]
 
