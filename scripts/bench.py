@@ -705,6 +705,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute: few batches, rough ratios")
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--downscales", type=int, nargs="+", default=list(DOWNSCALES), help="model.downscale values")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three contenders (--quick: 1)")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -736,7 +737,7 @@ def lightning_vs_bare(
             dm.data.augment = augment
             if args.wait_quiet:
                 wait_for_quiet(args.wait_quiet)
-            found = compare(cfg, dm, work, device, rounds=1 if args.quick else 3)
+            found = compare(cfg, dm, work, device, rounds=1 if args.quick else args.rounds)
             name = f"d{downscale}"
             values = {
                 "lightning_vs_bare": found["ratio"],
