@@ -194,16 +194,21 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
         check_on_train_epoch_end=True,
         verbose=False,
     )
-    # Under SLURM, submitit requeues a timed-out or preempted job, which then continues (requeued());
-    # Lightning's own requeue handler would fight submitit's over the same signal. The
-    # callbacks the lab depends on are always there, whatever the callbacks group says.
+    # The callbacks the lab depends on are always there, whatever the callbacks group says.
     callbacks = [best, last, guard, RunState(lab.seed), *instantiate_group("callbacks", lab.callbacks)]
     has_bar = any(isinstance(callback, pl.callbacks.ProgressBar) for callback in callbacks)  # rich_progress_bar
     if lab.trainer.get("enable_progress_bar", True) and not has_bar:
         callbacks.append(ProgressBar())  # Lightning's, redrawn at most twice a second
+    arguments = trainer_arguments(lab.trainer)
+    plugins = arguments.pop("plugins", None) or []  # the user's (+trainer.plugins=...) and the lab's
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    # Under SLURM, submitit requeues a timed-out or preempted job, which then continues (requeued());
+    # Lightning's own requeue handler would fight submitit's over the same signal.
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = pl.Trainer(
-        **trainer_arguments(lab.trainer),
-        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+        **arguments,
+        plugins=plugins or None,
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
@@ -212,11 +217,16 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
 
 
 def trainer_arguments(trainer: Mapping[str, Any]) -> dict[str, Any]:
-    """``trainer.*`` checked, with values that name a ``_target_`` built (``debug=profiler``'s profiler)."""
+    """``trainer.*`` checked, with values that name a ``_target_`` built (``debug=profiler``'s profiler).
+
+    A list of them is built item by item (``+trainer.plugins=[{_target_: ...}]``).
+    """
     built = dict(trainer)
     for key, value in trainer.items():
         if isinstance(value, Mapping) and "_target_" in value:
             built[key] = instantiate_group("trainer", {key: value})[0]
+        elif isinstance(value, list) and any(isinstance(item, Mapping) and "_target_" in item for item in value):
+            built[key] = instantiate_group("trainer", {f"{key}[{i}]": item for i, item in enumerate(value)})
     check_trainer_args(built)
     return built
 

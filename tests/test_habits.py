@@ -16,11 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONF_DIR, run_in_process, tiny_overrides
+from conftest import CONF_DIR, compose_config, run_in_process, tiny_overrides
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.plugins import AsyncCheckpointIO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from alexnet_lab.config import AdamConfig, SchedulerConfig
+from alexnet_lab.cli import load
+from alexnet_lab.config import AdamConfig, LabConfig, SchedulerConfig
 from alexnet_lab.data.synthetic import MARKER_NAME
+from alexnet_lab.train import build_trainer
 
 LR = AdamConfig().lr  # the default optimizer's rate
 
@@ -136,6 +140,25 @@ def test_no_callbacks_keeps_the_ones_the_lab_depends_on(tmp_path):
     assert any(key.startswith("RunState") for key in checkpoint["callbacks"])  # exact resume still possible
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and metrics["epochs"] == 2
     assert "val/confusion_matrix" not in EventAccumulator(str(run_dir)).Reload().Tags()["images"]
+
+
+@pytest.mark.parametrize("given", ["+trainer.plugins._target_={}", "+trainer.plugins=[{{_target_:{}}}]"])
+def test_trainer_plugins_from_the_command_line_join_the_labs_own(tmp_path, monkeypatch, given):
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # inside a Slurm job the lab adds its own cluster environment
+    monkeypatch.setenv("SLURM_JOB_NAME", "lab")
+    plugin = given.format("pytorch_lightning.plugins.AsyncCheckpointIO")
+    trainer, _, _ = build_trainer(load(compose_config(*tiny_overrides(tmp_path), plugin), LabConfig), tmp_path)
+    assert isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO)
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue  # submitit requeues
+
+
+def test_a_run_saves_its_checkpoints_through_a_plugin_from_the_command_line(tmp_path):
+    plugin = "+trainer.plugins._target_=pytorch_lightning.plugins.AsyncCheckpointIO"  # writes in a thread
+    run_dir, metrics = train(tmp_path, "async", plugin, "checkpoint_every=1", epochs=3)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and metrics["epochs"] == 3 and metrics["status"] == "ok"
+    assert torch.load(metrics["best_checkpoint"], weights_only=True)["state_dict"].keys() == last["state_dict"].keys()
 
 
 # ----------------------------------------------------------------------------- debug presets
