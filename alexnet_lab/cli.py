@@ -30,6 +30,7 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -152,13 +153,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def error_policy(run_dir: Path | None = None, overrides: Sequence[str] = (), multirun: bool = False) -> Iterator[None]:
-    """Bad input: one ``error:`` line and exit 2; in a multirun, recorded and re-raised so the sweep goes on.
+def error_policy(
+    run_dir: Path | None = None, overrides: Sequence[str] = (), multirun: bool | None = None
+) -> Iterator[None]:
+    """Bad input: one ``error:`` line and exit 2; in a multirun, one line and re-raised so the sweep goes on.
 
     With a ``run_dir``, every failure is recorded there (``metrics.json``: ``failed`` and the
     error's first line; the traceback in the run's log file, never on the terminal) before it
-    is re-raised.
+    is re-raised. ``multirun``: whether this is a job of ``-m`` (None: as Hydra says).
     """
+    if multirun is None:
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         yield
     except Exception as err:
@@ -174,8 +179,8 @@ def error_policy(run_dir: Path | None = None, overrides: Sequence[str] = (), mul
             write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": list(overrides)})
         if bad_input and not multirun:
             fail(message)  # once, on stderr: Hydra's log handler writes to stdout
-        if run_dir is not None:
-            print(f"error: {message}", file=sys.stderr)  # this job's one line; the sweep goes on
+        if run_dir is not None or multirun:
+            print(f"error: {message}", file=sys.stderr)  # this job's one line; a sweep goes on
         raise
 
 

@@ -407,6 +407,18 @@ def test_eval_py_prints_and_writes_json_for_the_split_and_a_folder(trained_run, 
 
 
 @pytest.mark.slow
+def test_eval_py_multirun_evaluates_every_checkpoint_it_can_and_names_the_bad_one(trained_run, tmp_path):
+    (trained_run / "eval_best_test.json").unlink(missing_ok=True)
+    missing = tmp_path / "missing"
+    result = _run("eval.py", ["-m", f"ckpt_path={missing},{trained_run}"], cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr[-3000:]  # a job failed, as in a training sweep
+    assert errors and all(str(missing) in line for line in errors) and "Traceback" not in result.stderr
+    written = json.loads((trained_run / "eval_best_test.json").read_text())  # the good job still ran
+    assert written["acc"] == pytest.approx(_metrics(trained_run)["test_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_predict_py_prints_a_table_writes_csv_and_fails_clearly_on_a_bad_checkpoint(trained_run, make_raw, tmp_path):
     raw = make_raw({"cat": 2, "dog": 1})
     images = sorted(str(p) for p in (raw / "cat").glob("*.png"))
