@@ -192,8 +192,8 @@ def run_command(main: Callable[[], Any]) -> None:
     ``HYDRA_FULL_ERROR=1`` set by the user, Hydra's full report is shown instead.
     """
     sys.argv[1:] = quote_paths(sys.argv[1:])
-    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"  # as Hydra reads it
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
+    users = os.environ.get("HYDRA_FULL_ERROR")
+    wants_traceback = users == "1"  # as Hydra reads it
     keep_freed_host_memory()
     # a file name that is not UTF-8 (POSIX allows any bytes) is printed as it is on disk, not a crash
     for stream in (sys.stdout, sys.stderr):
@@ -201,6 +201,7 @@ def run_command(main: Callable[[], Any]) -> None:
             stream.reconfigure(errors="surrogateescape")
     # pytorch-lightning 2.6 on torch >= 2.10 warns about its own use of torch's pytree API on every run
     warnings.filterwarnings("ignore", message=".*LeafSpec.* is deprecated")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
     try:
         main()
     except Exception as error:
@@ -220,6 +221,11 @@ def run_command(main: Callable[[], Any]) -> None:
             fail(" ".join(str(error).split()).split(" Config search path:")[0])
         # a job of a multirun failed (recorded in its run dir), or something broke outside any run
         fail(f"{type(error).__name__}: {one_line(error)} (the run's log has the traceback)", status=1)
+    finally:  # as the user had it: a later command in this process (a notebook, a test) reads theirs
+        if users is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = users
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -177,6 +178,18 @@ def test_a_wrong_value_ends_in_one_line_naming_its_key(tmp_path, monkeypatch, ov
     assert "Traceback" not in out + err
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
     assert not (tmp_path / "raw").exists(), "found before any data work"
+
+
+@pytest.mark.parametrize("users", [None, "0"])
+def test_a_command_leaves_hydra_full_error_as_the_user_had_it(tmp_path, monkeypatch, users):
+    # run_command sets it for Hydra while it runs; a later command in the same process (a notebook's,
+    # a subprocess it starts) must not see it, or its errors come with tracebacks
+    if users is None:
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    else:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", users)
+    code, _, _ = run_in_process([*tiny_overrides(tmp_path), "model.downscale=0", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert code == 2 and os.environ.get("HYDRA_FULL_ERROR") == users
 
 
 @pytest.mark.slow
