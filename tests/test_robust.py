@@ -123,6 +123,9 @@ def start_and_signal(tmp_path: Path, run_dir: Path, signum: int) -> subprocess.P
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as a terminal's job gets it: a shell's background job (`.ci/run &`) starts with SIGINT
+        # ignored, and Python then never raises KeyboardInterrupt, so the run would just finish
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
