@@ -192,8 +192,8 @@ def run_command(main: Callable[[], Any]) -> None:
     ``HYDRA_FULL_ERROR=1`` set by the user, Hydra's full report is shown instead.
     """
     sys.argv[1:] = quote_paths(sys.argv[1:])
-    users = os.environ.get("HYDRA_FULL_ERROR")
-    wants_traceback = users == "1"  # as Hydra reads it
+    user_setting = os.environ.get("HYDRA_FULL_ERROR")
+    wants_traceback = user_setting == "1"  # as Hydra reads it
     keep_freed_host_memory()
     # a file name that is not UTF-8 (POSIX allows any bytes) is printed as it is on disk, not a crash
     for stream in (sys.stdout, sys.stderr):
@@ -222,10 +222,10 @@ def run_command(main: Callable[[], Any]) -> None:
         # a job of a multirun failed (recorded in its run dir), or something broke outside any run
         fail(f"{type(error).__name__}: {one_line(error)} (the run's log has the traceback)", status=1)
     finally:  # as the user had it: a later command in this process (a notebook, a test) reads theirs
-        if users is None:
+        if user_setting is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
-            os.environ["HYDRA_FULL_ERROR"] = users
+            os.environ["HYDRA_FULL_ERROR"] = user_setting
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -454,6 +454,7 @@ def test_the_breakdown_keeps_what_only_the_epoch_encloses_and_names_its_part():
         "[Callback]LastCheckpoint{'monitor': None, 'every_n_epochs': 5}.on_train_end": "checkpoint",
         "[Callback]RichProgressBar.on_train_batch_end": "progress_bar",
         "[Callback]TQDMProgressBar.on_validation_batch_end": "progress_bar",
+        "[Callback]ProgressBar.on_train_batch_end": "progress_bar",  # the lab's own bar
         "[LightningModule]AlexNetClassifier.on_validation_epoch_end": "metrics_and_logging",
         "[Callback]TensorBoardInspection.on_validation_batch_end": "callbacks",
         "[LightningModule]AlexNetClassifier.on_validation_model_eval": "validation_setup",
