@@ -62,7 +62,11 @@ WRONG_GRID_SIZE = 16  # most confidently wrong images shown per stage in TensorB
 
 
 class RunState(pl.Callback):
-    """Saves the module's ``history`` in checkpoints and restores it on resume; reseeds each epoch."""
+    """Saves the module's ``history`` in checkpoints and restores it on resume; reseeds each epoch.
+
+    Checkpoints also carry the datamodule's ``preprocessing`` (ImageFolderDataModule.preprocessing),
+    which eval.py and predict.py read: the module itself knows nothing of preprocessing.
+    """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -77,6 +81,13 @@ class RunState(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_history = list(state_dict["history"])
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        preprocessing = getattr(getattr(trainer, "datamodule", None), "preprocessing", None)
+        if preprocessing is not None:
+            checkpoint["preprocessing"] = preprocessing
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored_history is not None:

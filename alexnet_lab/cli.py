@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import ctypes
 import io
-import json
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import hydra
 from hydra._internal.utils import get_args_parser
@@ -31,12 +30,13 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from alexnet_lab import config
-from alexnet_lab.errors import ConfigError, LabError, T, defaults, fail, from_mapping, one_line
-from alexnet_lab.identity import finished_metrics, run_name
+from alexnet_lab.config import load
+from alexnet_lab.errors import LabError, defaults, fail, one_line
+from alexnet_lab.identity import finished_metrics, run_name, write_json
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +105,6 @@ def _config_subdir(resume: bool) -> str | None:
 _register()
 
 
-def load(cfg: DictConfig | ListConfig, schema: type[T], prefix: str = "") -> T:
-    """The composed config as checked objects (``LabConfig`` holding ``ModelConfig``, ``DataConfig``, ...).
-
-    Raises :class:`ConfigError` with one line naming the key: a required value left unset
-    (``???``), an interpolation that fails, a value of the wrong type or out of range.
-    """
-    try:
-        plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
-    except MissingMandatoryValue as err:
-        key = ".".join(part for part in (prefix, err.full_key) if part)
-        raise ConfigError(f"{key} is not set: pass {key}=... on the command line") from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{getattr(err, 'full_key', None) or prefix or 'config'}: {one_line(err)}") from None
-    return from_mapping(schema, plain, prefix)
-
-
 def keep_freed_host_memory(trim_threshold_bytes: int = 256 * 2**20) -> bool:
     """Have glibc keep freed memory for reuse instead of handing it back to the OS after every step.
 
@@ -143,13 +127,6 @@ def keep_freed_host_memory(trim_threshold_bytes: int = 256 * 2**20) -> bool:
 
 
 # ----------------------------------------------------------------------------- the policy
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON via a temporary file, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -280,7 +257,9 @@ def split_path_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _train(cfg: DictConfig) -> float:
     from alexnet_lab.train import train_job
 
-    return train_job(cfg)
+    job = HydraConfig.get()  # whatever happens, the job's run dir records it
+    with error_policy(Path(job.runtime.output_dir), list(job.overrides.task)):
+        return train_job(cfg)
 
 
 def train_command() -> None:

@@ -1,11 +1,12 @@
 """The config schema: every key of the lab, its default, its allowed values and its meaning, once.
 
-Plain typed dataclasses (no Hydra here: the model and data modules import them). cli.py
-registers them with Hydra's ConfigStore under ``schema/``; the YAML groups in conf/ extend
-them (``defaults: [/schema/optim/sgd@_here_, _self_]``) and set only what a preset changes,
-so a default is written once. A value of the wrong type fails when Hydra composes the
+Plain typed dataclasses (no Hydra here: the model and data modules import them), and
+:func:`load`, which turns a composed config into them. cli.py registers them with Hydra's
+ConfigStore under ``schema/``; the YAML groups in conf/ extend them (``defaults:
+[/schema/optim/sgd@_here_, _self_]``) and set only what a preset changes, so a default is
+written once. A value of the wrong type fails when Hydra composes the
 config; a value out of range fails in its dataclass's ``__post_init__``
-(``errors.check_fields``), which ``cli.load`` runs for the whole tree before any work.
+(``errors.check_fields``), which :func:`load` runs for the whole tree before any work.
 ``python train.py --cfg job`` prints the composed config.
 """
 
@@ -15,12 +16,15 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from alexnet_lab.errors import ConfigError, T, check_fields, check_value, from_mapping, setting
+from alexnet_lab.errors import ConfigError, T, check_fields, check_value, from_mapping, one_line, setting
 
 MISSING: Any = "???"  # OmegaConf's mark of a value the user must set (Any: it stands in for any type)
 SYNTHETIC_RAW_DIR = "${paths.data_dir}/synthetic/raw"  # where the embedded data set is generated
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig, ListConfig
 
 
 @dataclass
@@ -413,3 +417,23 @@ class PreprocessConfig:
 
     data: DataConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def load(cfg: DictConfig | ListConfig, schema: type[T], prefix: str = "") -> T:
+    """The composed config as checked objects (``LabConfig`` holding ``ModelConfig``, ``DataConfig``, ...).
+
+    Raises :class:`ConfigError` with one line naming the key: a required value left unset
+    (``???``), an interpolation that fails, a value of the wrong type or out of range.
+    """
+    # here, not at the top: the model imports this module and no config tooling (tests/test_model.py)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except MissingMandatoryValue as err:
+        key = ".".join(part for part in (prefix, err.full_key) if part)
+        raise ConfigError(f"{key} is not set: pass {key}=... on the command line") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{getattr(err, 'full_key', None) or prefix or 'config'}: {one_line(err)}") from None
+    return from_mapping(schema, plain, prefix)

@@ -15,13 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from alexnet_lab import stats
 from alexnet_lab.identity import differences
-
-if TYPE_CHECKING:
-    from alexnet_lab.report import Experiment, Run
+from alexnet_lab.runs import Experiment, Run
 
 DEFAULT_METRIC = "test_balanced_acc"
 

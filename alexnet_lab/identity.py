@@ -5,6 +5,7 @@ One list, :data:`NOT_LEARNED`, names the config keys that do not change what a r
 (:func:`run_name`, from the command-line overrides), the report's grouping of runs into
 experiments (:func:`experiment_key`) and its "what differs" column (:func:`config_diff`) all
 leave those keys out, so ``resume=true`` or another cache folder never makes a run look new.
+A run's results are read (:func:`finished_metrics`) and written (:func:`write_json`) here too.
 Nothing here imports more than the standard library and PyYAML.
 """
 
@@ -87,6 +88,13 @@ def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return metrics if isinstance(metrics, dict) and metrics.get("status") in FINISHED else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` (a run's metrics.json, an evaluation) as JSON via a temporary file: no reader sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- comparing runs

@@ -36,11 +36,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from alexnet_lab.cli import load, write_json
-from alexnet_lab.config import DataConfig, DiscardRules, EvalConfig, PredictConfig
+from alexnet_lab.config import DataConfig, DiscardRules, EvalConfig, PredictConfig, load
 from alexnet_lab.data import preprocess
 from alexnet_lab.data.datamodule import CacheBatches, ImageFolderDataModule
 from alexnet_lab.errors import CheckpointError, ConfigError, DataError, one_line
+from alexnet_lab.identity import write_json
 from alexnet_lab.metrics import confusion_summary
 from alexnet_lab.module import AlexNetClassifier
 

@@ -152,6 +152,13 @@ class AlexNet(nn.Module):
         return logits
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """The cache's uint8 pixels (B, C, H, W) in 0..255 as the net's input: float32 (B, C, H, W) in [0, 1]."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"to_float expects uint8 images, got {images.dtype}")
+    return images.to(torch.float32).div_(255.0)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters in `model` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())

@@ -8,9 +8,8 @@ predict steps return the logits, for callbacks (the TensorBoard pictures) and fo
 ``Trainer.predict``. The last epoch's confusion matrix of each stage stays in
 ``last_confusion``.
 
-Checkpoints also carry ``preprocessing`` (image size, grayscale, preprocess version and the
-data cache's fingerprint) from the datamodule, so a checkpoint alone is enough to preprocess
-new images the same way, and an evaluation can tell whether the data changed since.
+The module knows nothing of how images were preprocessed: the task's checkpoints carry that
+(``preprocessing``, from the datamodule: callbacks.RunState).
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from alexnet_lab.data.augment import to_float
-from alexnet_lab.data.preprocess import PREPROCESS_VERSION
 from alexnet_lab.metrics import confusion_summary
-from alexnet_lab.model import AlexNet, AlexNetConfig, count_parameters
+from alexnet_lab.model import AlexNet, AlexNetConfig, count_parameters, to_float
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -205,17 +202,6 @@ class AlexNetClassifier(pl.LightningModule):
         if self._test_batches:
             true, pred = (torch.cat(part).tolist() for part in zip(*self._test_batches, strict=True))
             self.test_predictions = (true, pred)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store how images were preprocessed (plain data, loadable with ``weights_only=True``)."""
-        cache = getattr(getattr(self._trainer, "datamodule", None), "cache", None) if self._trainer else None
-        if cache is not None:
-            checkpoint["preprocessing"] = {
-                "image_size": cache.image_size,
-                "grayscale": cache.grayscale,
-                "preprocess_version": PREPROCESS_VERSION,
-                "data_fingerprint": cache.fingerprint,  # which files and settings it was trained on
-            }
 
     def _metrics(self, key: str) -> tuple[ConfusionCounts, MeanMetric]:
         """The stage's confusion matrix and mean loss (``fit``, ``val`` or ``test``)."""

@@ -21,10 +21,9 @@ import html
 import io
 import json
 import math
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,24 +35,19 @@ from alexnet_lab import stats
 from alexnet_lab.config import VerdictThresholds
 from alexnet_lab.errors import LabError, from_mapping, one_line
 from alexnet_lab.identity import (
-    FINISHED,
     config_diff,
     experiment_key,
     flatten,
-    natural_key,
     read_overrides,
     run_name,
     strip_common,
     without_seed,
 )
+from alexnet_lab.runs import DIR_PREFIX, Experiment, Run
 from alexnet_lab.verdicts import VERDICTS, describe_verdicts, phases, verdicts
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
-
-#: What Hydra puts before the run name in a run dir's name: a sweep job's number ("3_"), or
-#: the date and time of a single run ("2024-05-01_12-00-00-123456_").
-DIR_PREFIX = re.compile(r"^(?:(\d+)|\d{4}-\d\d-\d\d_[\d-]+)_")
 
 #: {key in metrics.json and in the report rows: column header}: the numbers every run reports.
 METRICS = {
@@ -102,45 +96,6 @@ class ReportError(LabError):
 
 
 # --------------------------------------------------------------------------- loading runs
-
-
-@dataclass
-class Run:
-    """One run dir as the report sees it."""
-
-    path: Path
-    label: str  # run name: what differs from the defaults, e.g. "ablation_2_dropout,seed=1"
-    status: str  # "ok", "failed", "no metrics.json", "unreadable metrics.json" (or metrics.json's own status)
-    error: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)  # flattened config: {"model.downscale": 16, ...}
-    choices: dict[str, str] = field(default_factory=dict)  # config group choices: {"optim": "adam", ...}
-    thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)  # the run's own ``verdicts`` block
-    verdicts: list[str] = field(default_factory=list)
-    phases: dict[str, Any] = field(default_factory=dict)  # verdicts.phases: collapsed epochs, left chance, best
-
-    @property
-    def history(self) -> list[dict[str, float]]:
-        history = self.metrics.get("history")
-        return history if isinstance(history, list) else []
-
-    @property
-    def finished(self) -> bool:
-        """Trained to the end (``ok``, or stopped as ``diverged``) with its numbers in metrics.json."""
-        return self.status in FINISHED and "history" in self.metrics
-
-    def number(self, key: str) -> float:
-        """metrics.json's number ``key``; NaN where it is missing or not a number."""
-        value = self.metrics.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-    @property
-    def order(self) -> tuple[Any, ...]:
-        """Report order: the ablation step, then Hydra's job number (single run dirs last)."""
-        # the step first: Hydra numbers a glob(ablation_*) sweep's jobs in string order, ablation_10 before ablation_2
-        job = DIR_PREFIX.match(self.path.name)
-        number = int(job.group(1)) if job and job.group(1) else math.inf
-        return natural_key(self.choices.get("experiment", "")), number, self.path.name
 
 
 def is_run_dir(path: Path) -> bool:
@@ -291,18 +246,6 @@ def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         row.update({key: run.phases.get(key) for key in PHASE_KEYS})
         rows.append(row)
     return rows
-
-
-@dataclass
-class Experiment:
-    """Runs that share a config except for ``seed``."""
-
-    label: str
-    runs: list[Run]
-
-    @property
-    def finished(self) -> list[Run]:
-        return [run for run in self.runs if run.finished]
 
 
 def group_runs(runs: Sequence[Run]) -> list[Experiment]:

@@ -30,11 +30,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerStatus
 
 from alexnet_lab.callbacks import LastCheckpoint, ProgressBar, RunState, history_from_checkpoint
-from alexnet_lab.cli import error_policy, load, write_json
-from alexnet_lab.config import LabConfig
+from alexnet_lab.config import LabConfig, load
 from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.errors import ConfigError, LabError, check_value, one_line
-from alexnet_lab.identity import finished_metrics
+from alexnet_lab.identity import finished_metrics, write_json
 from alexnet_lab.inference import load_weights
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
 from alexnet_lab.stats import balanced_accuracy, bootstrap, wilson
@@ -399,7 +398,7 @@ def run_metrics(
 
 
 def train_job(cfg: DictConfig) -> float:
-    """One job of ``python train.py``, recorded in its run dir whatever happens (see cli.error_policy).
+    """One job of ``python train.py`` (cli.py records whatever it raises in its run dir: cli.error_policy).
 
     Ctrl-C or SIGTERM: exit 130 with ``interrupted``. Returns the best validation accuracy,
     what a hyperparameter search maximises.
@@ -412,12 +411,11 @@ def train_job(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     parallel_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)  # a joblib launcher's jobs side by side
-    with error_policy(run_dir, overrides, multirun):
-        gpu = own_gpu(cfg.trainer, int(hydra_cfg.job.num), parallel_jobs, overrides) if multirun else None
-        if gpu is not None:  # metrics.json's "device" says which (cuda:1)
-            cfg.trainer.devices = gpu
-        try:
-            return float(train(cfg, run_dir, overrides, parallel_jobs=parallel_jobs)["val_acc_best"])
-        except RunInterrupted as err:
-            print(f"{run_dir}: {err}", file=sys.stderr)
-            sys.exit(130)
+    gpu = own_gpu(cfg.trainer, int(hydra_cfg.job.num), parallel_jobs, overrides) if multirun else None
+    if gpu is not None:  # metrics.json's "device" says which (cuda:1)
+        cfg.trainer.devices = gpu
+    try:
+        return float(train(cfg, run_dir, overrides, parallel_jobs=parallel_jobs)["val_acc_best"])
+    except RunInterrupted as err:
+        print(f"{run_dir}: {err}", file=sys.stderr)
+        sys.exit(130)

@@ -76,10 +76,10 @@ from bench_help import cpu_seconds_of_others
 import alexnet_lab.train
 from alexnet_lab.cli import keep_freed_host_memory, load
 from alexnet_lab.config import LabConfig
-from alexnet_lab.data.augment import to_float
 from alexnet_lab.data.datamodule import ImageFolderDataModule, augment_in_chunks, upload_split
 from alexnet_lab.data.preprocess import build_cache, scan_folder
 from alexnet_lab.data.sampling import epoch_order, epoch_seed
+from alexnet_lab.model import to_float
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
 from alexnet_lab.train import train
 

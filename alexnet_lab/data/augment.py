@@ -13,16 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_lab.config import AugmentConfig
+from alexnet_lab.model import to_float as to_float  # where it lived before; the net's input scale is model.py's
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _NUM_DRAWS = 7  # uniforms per sample: flip, shift x, shift y, rotate, scale, brightness, contrast
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) in 0..255 -> float32 (B, C, H, W) in [0, 1]."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"to_float expects uint8 images, got {images.dtype}")
-    return images.to(torch.float32).div_(255.0)
 
 
 def _affine_matrices(draws: torch.Tensor, config: AugmentConfig, height: int, width: int) -> torch.Tensor:

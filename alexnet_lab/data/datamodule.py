@@ -19,11 +19,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
-from alexnet_lab.data.augment import augment_batch, to_float
-from alexnet_lab.data.preprocess import Cache, build_cache
+from alexnet_lab.data.augment import augment_batch
+from alexnet_lab.data.preprocess import PREPROCESS_VERSION, Cache, build_cache
 from alexnet_lab.data.sampling import EpochBatchSampler, epoch_seed, stratified_split
 from alexnet_lab.data.synthetic import ensure_synthetic
 from alexnet_lab.errors import DataError
+from alexnet_lab.model import to_float
 
 if TYPE_CHECKING:
     from alexnet_lab.config import AugmentConfig, DataConfig
@@ -174,6 +175,21 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def in_channels(self) -> int:
         return int(self._load().images.shape[1])
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """How the images were preprocessed, as plain data that a checkpoint stores (loadable with ``weights_only``).
+
+        So a checkpoint alone is enough to preprocess new images the same way, and an evaluation
+        can tell whether the data changed since.
+        """
+        cache = self._load()
+        return {
+            "image_size": cache.image_size,
+            "grayscale": cache.grayscale,
+            "preprocess_version": PREPROCESS_VERSION,
+            "data_fingerprint": cache.fingerprint,  # which files and settings it was trained on
+        }
 
     def eval_batch_size_on(self, device: torch.device) -> int:
         """Images per validation/test batch: ``eval_batch_size`` if given, else by device.
