@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from hydra._internal.utils import get_args_parser
@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from alexnet_lab import config
 from alexnet_lab.config import load
 from alexnet_lab.errors import LabError, defaults, fail, one_line
-from alexnet_lab.identity import finished_metrics, run_name, write_json
+from alexnet_lab.identity import finished_metrics, record_failure, run_name
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +146,8 @@ def error_policy(
     except Exception as err:
         bad_input = isinstance(err, LabError)
         message = one_line(err) if bad_input else f"{type(err).__name__}: {one_line(err)}"
-        if run_dir is not None:
-            # the message and its traceback into the run's log file only: the terminal gets one line
-            text = f"{'error' if bad_input else 'run failed'}: {message}"
-            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, (), (type(err), err, err.__traceback__))
-            for handler in logging.getLogger().handlers:
-                if isinstance(handler, logging.FileHandler):
-                    handler.handle(record)
-            write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": list(overrides)})
+        if run_dir is not None:  # the message and its traceback into the run's log file only
+            record_failure(run_dir, err, message, overrides)
         if bad_input and not multirun:
             fail(message)  # once, on stderr: Hydra's log handler writes to stdout
         if run_dir is not None or multirun:
@@ -254,12 +248,38 @@ def split_path_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
-def _train(cfg: DictConfig) -> float:
-    from alexnet_lab.train import train_job
-
+def _train(cfg: DictConfig) -> Any:
     job = HydraConfig.get()  # whatever happens, the job's run dir records it
     with error_policy(Path(job.runtime.output_dir), list(job.overrides.task)):
+        if cfg.get("pack"):  # a job of hydra/sweeper=packed: the runs of one pack
+            from alexnet_lab.packed import pack_job
+
+            return pack_job(cfg)
+        from alexnet_lab.train import train_job
+
         return train_job(cfg)
+
+
+def prepare_job(cfg: DictConfig) -> Any:
+    """A job of hydra/sweeper=packed before it trains: its config checked (one line if bad) and resolved.
+
+    Hydra's ``run_job`` has made its run dir and ``.hydra/`` as for any job; a bad value is
+    recorded there as for any job. Returns its :class:`~alexnet_lab.packing.PackJob`, or its
+    metrics.json if ``resume=true`` finds it finished.
+    """
+    from alexnet_lab.packing import PackJob
+    from alexnet_lab.train import check_optimizer, trainer_arguments
+
+    job = HydraConfig.get()
+    run_dir, overrides = Path(job.runtime.output_dir), list(job.overrides.task)
+    with error_policy(run_dir, overrides):
+        if (cfg.get("resume") or False) and (done := finished_metrics(run_dir)) is not None:
+            return done
+        lab = load(cfg, config.LabConfig)
+        check_optimizer(lab)
+        trainer_arguments(lab.trainer)
+        resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+        return PackJob(int(job.job.num), str(run_dir), overrides, resolved)
 
 
 def train_command() -> None:

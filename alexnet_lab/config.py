@@ -364,6 +364,7 @@ class LabConfig:
     checkpoint_every: int = setting(5, ge=1, hint="epochs between saves of last.ckpt; 1 = every epoch")
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     verdicts: VerdictThresholds = field(default_factory=VerdictThresholds)  # into metrics.json and the report
+    pack: str | None = None  # set by hydra/sweeper=packed: this job trains the runs listed in this pack file
 
     def __post_init__(self) -> None:
         check_fields(self, "")

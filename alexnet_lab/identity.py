@@ -6,7 +6,7 @@ One list, :data:`NOT_LEARNED`, names the config keys that do not change what a r
 experiments (:func:`experiment_key`) and its "what differs" column (:func:`config_diff`) all
 leave those keys out, so ``resume=true`` or another cache folder never makes a run look new.
 A run's results are read (:func:`finished_metrics`) and written (:func:`write_json`) here too.
-Nothing here imports more than the standard library and PyYAML.
+Nothing here imports more than the standard library, PyYAML and the lab's error classes.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+
+from alexnet_lab.errors import LabError
 
 #: Config keys (glob patterns) that do not change what is learned.
 NOT_LEARNED = (
@@ -37,6 +40,7 @@ NOT_LEARNED = (
     "paths.*",
     "logger.*",
     "hparams_search",  # a search's trials differ by the values it sampled, which name them
+    "pack",  # a packed sweep's job that trains other runs: those runs have their own names
     "hydra.*",
     "hydra/*",
 )
@@ -95,6 +99,26 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
     tmp.replace(path)
+
+
+def record_failure(
+    run_dir: Path, error: BaseException, message: str, overrides: Sequence[str], log_files: Sequence[Any] | None = None
+) -> None:
+    """A failed run: metrics.json says ``failed`` and why; the message and traceback go to its log file(s) only.
+
+    ``log_files``: the logging handlers that are the run's log (default: every file handler of the
+    root logger, which Hydra points at the job's train.log); the terminal gets one line elsewhere.
+    """
+    logger = logging.getLogger(__name__)
+    text = f"{'error' if isinstance(error, LabError) else 'run failed'}: {message}"
+    record = logger.makeRecord(
+        logger.name, logging.ERROR, __file__, 0, text, (), (type(error), error, error.__traceback__)
+    )
+    if log_files is None:
+        log_files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
+    for handler in log_files:
+        handler.handle(record)
+    write_json(run_dir / "metrics.json", {"status": "failed", "error": message, "overrides": list(overrides)})
 
 
 # ----------------------------------------------------------------------------- comparing runs

@@ -160,15 +160,19 @@ class AlexNetClassifier(pl.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.forward(images).float().softmax(dim=1)
 
-    def _epoch_metrics(self, key: str, stage: str) -> dict[str, float]:
-        """Log the stage's epoch metrics and return them as floats (one host sync per epoch)."""
+    def epoch_values(self, key: str, stage: str) -> dict[str, torch.Tensor]:
+        """The stage's epoch metrics (``stage/loss``, ``stage/acc``, ...), on the device; counts reset for the next."""
         confusion_counts, mean_loss = self._metrics(key)
         confusion = confusion_counts.compute()
         self.last_confusion[stage] = confusion
         values = {"loss": mean_loss.compute(), **confusion_summary(confusion, self.classes)}
         confusion_counts.reset()
         mean_loss.reset()
-        values = {f"{stage}/{name}": value for name, value in values.items()}
+        return {f"{stage}/{name}": value for name, value in values.items()}
+
+    def _epoch_metrics(self, key: str, stage: str) -> dict[str, float]:
+        """Log the stage's epoch metrics and return them as floats (one host sync per epoch)."""
+        values = self.epoch_values(key, stage)
         self.log_dict(values, on_step=False, on_epoch=True)
         return {name: float(value) for name, value in values.items()}
 
@@ -184,21 +188,30 @@ class AlexNetClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.log("train/lr", self._epoch_lr, on_step=False, on_epoch=True)
+        self.record_epoch(self.current_epoch, self._epoch_started, self._epoch_lr, self._epoch_metrics("fit", "train"))
+
+    def record_epoch(self, epoch: int, started: float, lr: float, train: dict[str, float]) -> dict[str, float]:
+        """Append the epoch's history row (its training metrics and the validation before them) and return it."""
         row = {
-            "epoch": self.current_epoch,
-            "epoch_s": time.perf_counter() - self._epoch_started,  # training + validation, wall clock
-            **self._epoch_metrics("fit", "train"),
-            "train/lr": self._epoch_lr,
+            "epoch": epoch,
+            "epoch_s": time.perf_counter() - started,  # training + validation, wall clock
+            **train,
+            "train/lr": lr,
             **self._val_row,
         }
         self._val_row = {}
         self.history.append(row)
+        return row
 
     def on_test_epoch_start(self) -> None:
         self._test_batches = []
 
     def on_test_epoch_end(self) -> None:
         self._epoch_metrics("test", "test")
+        self.keep_test_predictions()
+
+    def keep_test_predictions(self) -> None:
+        """The test's true and predicted classes, in the test split's order (one host sync)."""
         if self._test_batches:
             true, pred = (torch.cat(part).tolist() for part in zip(*self._test_batches, strict=True))
             self.test_predictions = (true, pred)
@@ -207,12 +220,15 @@ class AlexNetClassifier(pl.LightningModule):
         """The stage's confusion matrix and mean loss (``fit``, ``val`` or ``test``)."""
         return cast(ConfusionCounts, self.confusion[key]), cast(MeanMetric, self.mean_loss[key])
 
-    def configure_optimizers(self) -> Any:
-        optim = self.hparams["optim"]
-        kwargs = {key: value for key, value in optim.items() if key != "name"}
+    def optimizer_arguments(self) -> dict[str, Any]:
+        """The optimizer's keyword arguments (``optim`` without its ``name``)."""
+        kwargs = {key: value for key, value in self.hparams["optim"].items() if key != "name"}
         if "betas" in kwargs:
             kwargs["betas"] = tuple(kwargs["betas"])  # a list after a round trip through YAML
-        optimizer = optimizer_class(optim["name"])(self.parameters(), **kwargs)
+        return kwargs
+
+    def configure_optimizers(self) -> Any:
+        optimizer = optimizer_class(self.hparams["optim"]["name"])(self.parameters(), **self.optimizer_arguments())
         spec = self.hparams.get("scheduler") or {}
         # only a schedule needs the run's length (cosine anneals over it); a module used on its own has no Trainer
         max_epochs = int(self.trainer.max_epochs or 1) if spec.get("name", "none") != "none" else 1

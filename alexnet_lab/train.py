@@ -163,15 +163,31 @@ def instantiate_group(group: str, specs: Mapping[str, Any]) -> list[Any]:
     return built
 
 
-def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping]:
-    """The Trainer of one run, with the callbacks the lab depends on; also its best checkpoint and its guard."""
-    # every logger writes into the run dir, or below it where its save_dir is relative (mlflow: mlruns/)
+def build_loggers(lab: LabConfig, run_dir: Path) -> list[Any]:
+    """The run's loggers (the logger group), writing into the run dir (or below it: a relative save_dir)."""
     in_run_dir = {
         key: {**spec, "save_dir": str(run_dir / spec.get("save_dir", ""))}
         for key, spec in lab.logger.items()
         if spec is not None
     }
-    loggers = instantiate_group("logger", in_run_dir)
+    return instantiate_group("logger", in_run_dir)  # mlflow: mlruns/ below the run dir
+
+
+def divergence_guard(lab: LabConfig) -> EarlyStopping:
+    """What stops a run whose loss blew up: an epoch's mean train loss nan/inf or above divergence.max_train_loss."""
+    return EarlyStopping(
+        monitor="train/loss",
+        mode="min",
+        check_finite=True,  # a nan/inf loss stops the run at the end of that epoch
+        divergence_threshold=lab.divergence.max_train_loss,
+        patience=sys.maxsize,  # this guard only stops runs that blow up, never slow ones
+        check_on_train_epoch_end=True,
+        verbose=False,
+    )
+
+
+def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint, EarlyStopping]:
+    """The Trainer of one run, with the callbacks the lab depends on; also its best checkpoint and its guard."""
     # best.ckpt at the end of each training epoch where val/acc improved, after the epoch's history
     # row exists; last.ckpt every checkpoint_every epochs (LastCheckpoint). Two callbacks: since
     # Lightning 2.6, `save_last` on a monitored checkpoint writes last.ckpt only when it improved.
@@ -184,17 +200,15 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
         save_on_train_epoch_end=True,
     )
     last = LastCheckpoint(run_dir / "checkpoints", lab.checkpoint_every)
-    guard = EarlyStopping(
-        monitor="train/loss",
-        mode="min",
-        check_finite=True,  # a nan/inf loss stops the run at the end of that epoch
-        divergence_threshold=lab.divergence.max_train_loss,
-        patience=sys.maxsize,  # this guard only stops runs that blow up, never slow ones
-        check_on_train_epoch_end=True,
-        verbose=False,
-    )
+    guard = divergence_guard(lab)
     # The callbacks the lab depends on are always there, whatever the callbacks group says.
     callbacks = [best, last, guard, RunState(lab.seed), *instantiate_group("callbacks", lab.callbacks)]
+    trainer = lab_trainer(lab, run_dir, callbacks, build_loggers(lab, run_dir))
+    return trainer, best, guard
+
+
+def lab_trainer(lab: LabConfig, root_dir: Path, callbacks: list[Any], loggers: list[Any], **fixed: Any) -> pl.Trainer:
+    """``pl.Trainer`` from ``trainer.*`` with these callbacks and loggers, the lab's progress bar and Slurm plugin."""
     has_bar = any(isinstance(callback, pl.callbacks.ProgressBar) for callback in callbacks)  # rich_progress_bar
     if lab.trainer.get("enable_progress_bar", True) and not has_bar:
         callbacks.append(ProgressBar())  # Lightning's, redrawn at most twice a second
@@ -205,14 +219,20 @@ def build_trainer(lab: LabConfig, run_dir: Path) -> tuple[pl.Trainer, ModelCheck
     # Lightning's own requeue handler would fight submitit's over the same signal.
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = pl.Trainer(
-        **arguments,
+    return pl.Trainer(
+        **{**arguments, **fixed},
         plugins=plugins or None,
         logger=loggers or False,
         callbacks=callbacks,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(root_dir),
     )
-    return trainer, best, guard
+
+
+def check_optimizer(lab: LabConfig) -> None:
+    """torch's own checks of the optimizer's arguments (``SGD(momentum=-3)``), before any data work; one line."""
+    with built_from_config("optim", dataclasses.asdict(lab.optim)):
+        optim = dataclasses.asdict(lab.optim)
+        optimizer_class(optim.pop("name"))([torch.zeros(1, requires_grad=True)], **optim)
 
 
 def trainer_arguments(trainer: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,9 +275,7 @@ def train(
     reset_job_state(lab.seed, parallel_jobs)
     with built_from_config("trainer", lab.trainer):  # the Trainer and what it is given, before any data work
         trainer, best, guard = build_trainer(lab, run_dir)
-    with built_from_config("optim", dataclasses.asdict(lab.optim)):  # torch's own checks of its arguments
-        optim = dataclasses.asdict(lab.optim)
-        optimizer_class(optim.pop("name"))([torch.zeros(1, requires_grad=True)], **optim)
+    check_optimizer(lab)
 
     datamodule = ImageFolderDataModule(lab.data, seed=lab.seed)
     datamodule.prepare_data()
@@ -294,20 +312,37 @@ def train(
     if diverged:
         log.warning("diverged at epoch %d: train loss %s; run stopped", len(history) - 1, history[-1].get("train/loss"))
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if best.best_model_path else None, verbose=False)
-    metrics = run_metrics(lab, history, trainer, module, datamodule.classes, diverged=diverged)
+    test = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
+    device = trainer.strategy.root_device
+    metrics = run_metrics(
+        lab, history, test, module, device, datamodule.preprocessing["data_fingerprint"], diverged=diverged
+    )
     metrics.update(
         wall_s=round(time.perf_counter() - started, 2),
         best_checkpoint=best.best_model_path,
         overrides=list(overrides or []),
     )
-    log_results(trainer, params, metrics)
+    finish(run_dir, trainer.loggers, trainer.global_step, params, metrics)
+    return metrics
+
+
+def finish(
+    run_dir: Path,
+    loggers: Sequence[Any],
+    step: int,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """The results to the loggers and metrics.json, and one line saying how the run ended (``extra``: its record's)."""
+    log_results(loggers, step, params, metrics)
     write_json(run_dir / "metrics.json", metrics)
     log.info(
         "%(outcome)s in %(wall_s).0f s: val acc %(val_acc).3f (best %(val_acc_best).3f), test acc %(test_acc).3f, "
         "balanced %(test_balanced_acc).3f -> %(run_dir)s",
-        {**metrics, "outcome": metrics["status"] if diverged else "done", "run_dir": run_dir},
+        {**metrics, "outcome": "done" if metrics["status"] == "ok" else metrics["status"], "run_dir": run_dir},
+        extra=extra,
     )
-    return metrics
 
 
 def fit(
@@ -324,46 +359,53 @@ def fit(
     except SystemExit:  # Lightning's graceful stop on Ctrl-C (exit 1) or SIGTERM
         if trainer.state.status != TrainerStatus.INTERRUPTED:
             raise
-        last = run_dir / "checkpoints" / "last.ckpt"
-        epochs = len(history_from_checkpoint(last)) if last.exists() else 0
-        checkpoint = str(last) if last.exists() else None
-        record = {"status": "interrupted", "epochs": epochs, "checkpoint": checkpoint, "overrides": overrides or []}
-        write_json(run_dir / "metrics.json", record)
-        raise RunInterrupted(
-            f"interrupted; {last} holds {epochs} finished epochs: rerun with resume=true to continue from there"
-        ) from None
+        raise RunInterrupted(record_interrupted(run_dir, overrides)) from None
 
 
-def log_results(trainer: pl.Trainer, params: dict[str, Any], metrics: dict[str, Any]) -> None:
+def record_interrupted(run_dir: Path, overrides: Sequence[str] | None) -> str:
+    """metrics.json of a run stopped by Ctrl-C or SIGTERM (``interrupted``), and what to do about it."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    epochs = len(history_from_checkpoint(last)) if last.exists() else 0
+    checkpoint = str(last) if last.exists() else None
+    record = {"status": "interrupted", "epochs": epochs, "checkpoint": checkpoint, "overrides": list(overrides or [])}
+    write_json(run_dir / "metrics.json", record)
+    return f"interrupted; {last} holds {epochs} finished epochs: rerun with resume=true to continue from there"
+
+
+def log_results(loggers: Sequence[Any], step: int, params: dict[str, Any], metrics: dict[str, Any]) -> None:
     """The final results to every logger (TensorBoard: with the config again, for its HPARAMS tab), then close them."""
     results = {f"hp/{key}": metrics[key] for key in HP_METRICS}
-    for logger in trainer.loggers:
+    for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics=results)
         else:
-            logger.log_metrics(results, step=trainer.global_step)
+            logger.log_metrics(results, step=step)
         logger.finalize("success")
 
 
 def run_metrics(
     lab: LabConfig,
     history: list[dict[str, float]],
-    trainer: pl.Trainer,
+    test: Mapping[str, float],
     module: AlexNetClassifier,
-    classes: list[str],
+    device: torch.device,
+    data_fingerprint: str | None,
     *,
     diverged: bool,
 ) -> dict[str, Any]:
-    """metrics.json of a trained and tested run: status, verdicts, final and best numbers, the history."""
+    """metrics.json of a trained and tested run: status, verdicts, final and best numbers, the history.
+
+    ``test``: the test's ``test/*`` values; ``data_fingerprint``: the files and preprocessing it saw.
+    """
+    classes = module.classes
     final = history[-1] if history else {}
     val_accs = [row["val/acc"] for row in history if math.isfinite(row.get("val/acc", math.nan))]
-    test = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
     metrics: dict[str, Any] = {
         "status": "diverged" if diverged else "ok",
         "run_name": lab.run_name,
         "epochs": len(history),
         "params": module.num_parameters,
-        "device": str(trainer.strategy.root_device),
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "seed": lab.seed,
         "classes": classes,
@@ -385,9 +427,8 @@ def run_metrics(
         metrics["test_acc_ci"] = wilson(correct, len(true)).as_list()
         metrics["test_balanced_acc_ci"] = bootstrap(balanced_accuracy, true, pred).as_list()
         # which images, in which order: two runs' predictions pair up only on the same test set
-        cache = getattr(getattr(trainer, "datamodule", None), "cache", None)
         metrics["test_set"] = {
-            "data": getattr(cache, "fingerprint", None),  # the files and preprocessing
+            "data": data_fingerprint,  # the files and preprocessing
             "split_seed": lab.data.split_seed,
             "true": true,
             "pred": pred,
@@ -403,15 +444,7 @@ def train_job(cfg: DictConfig) -> float:
     Ctrl-C or SIGTERM: exit 130 with ``interrupted``. Returns the best validation accuracy,
     what a hyperparameter search maximises.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = list(hydra_cfg.overrides.task)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    parallel_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)  # a joblib launcher's jobs side by side
-    gpu = own_gpu(cfg.trainer, int(hydra_cfg.job.num), parallel_jobs, overrides) if multirun else None
+    run_dir, overrides, parallel_jobs, gpu = hydra_job(cfg)
     if gpu is not None:  # metrics.json's "device" says which (cuda:1)
         cfg.trainer.devices = gpu
     try:
@@ -419,3 +452,16 @@ def train_job(cfg: DictConfig) -> float:
     except RunInterrupted as err:
         print(f"{run_dir}: {err}", file=sys.stderr)
         sys.exit(130)
+
+
+def hydra_job(cfg: DictConfig) -> tuple[Path, list[str], int, list[int] | None]:
+    """This Hydra job's run dir, overrides, jobs side by side (a joblib launcher's n_jobs) and its own GPU, if any."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    parallel_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)
+    gpu = own_gpu(cfg.trainer, int(hydra_cfg.job.num), parallel_jobs, overrides) if multirun else None
+    return Path(hydra_cfg.runtime.output_dir), overrides, parallel_jobs, gpu

@@ -131,6 +131,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.cache: Cache | None = None
         self._device_splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (split, device) -> data
         self._device_choice: dict[str, bool] = {}  # device -> whether the splits are held there
+        self._generators: dict[int, tuple[tuple[int, int, str], torch.Generator]] = {}  # augmentation, per member
 
     def prepare_data(self) -> None:
         """Generate the embedded data set if needed, and build (or find) the cache."""
@@ -256,14 +257,21 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return DataLoader(fixed, sampler=SequentialSampler(fixed), batch_size=None, num_workers=0)
         device = self._batch_device()
         if device is not None:
-            key = (split, str(device))
-            if key not in self._device_splits:  # uploaded once, kept for later fits and tests
-                self._device_splits[key] = upload_split(cache, indices, device)
-            positions = np.full(len(cache), -1, dtype=np.int64)  # cache index -> row of the split on the device
-            positions[indices] = np.arange(len(indices))
-            return DeviceBatches(*self._device_splits[key], positions, sampler)
+            return DeviceBatches(*self.on_device(split, indices, device), sampler)
         # batch_size=None: the sampler hands over whole batches, the dataset slices them at once
         return DataLoader(CacheBatches(cache), sampler=sampler, batch_size=None, num_workers=0)
+
+    def on_device(
+        self, split: str, indices: np.ndarray, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The split's images and labels on ``device`` (uploaded once, kept for later fits and tests), and
+        ``positions``: cache index -> row of the split there."""
+        key = (split, str(device))
+        if key not in self._device_splits:
+            self._device_splits[key] = upload_split(self._load(), indices, device)
+        positions = np.full(len(self._load()), -1, dtype=np.int64)
+        positions[indices] = np.arange(len(indices))
+        return (*self._device_splits[key], positions)
 
     def train_dataloader(self) -> DataLoader[Batch] | DeviceBatches:
         return self._loader("train", self.train_idx, train=True)
@@ -281,16 +289,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
             images = augment_in_chunks(images, self.data.augmentation, self._augment_generator(images.device))
         return images, labels
 
-    def _augment_generator(self, device: torch.device) -> torch.Generator:
+    def _augment_generator(self, device: torch.device, seed: int | None = None, member: int = 0) -> torch.Generator:
         """The augmentations' own generator, seeded by (seed, epoch) on the batch's device.
 
         An epoch's augmentations then depend on nothing that ran before it, so a run resumed
-        from an end-of-epoch checkpoint draws exactly what the uninterrupted run drew.
+        from an end-of-epoch checkpoint draws exactly what the uninterrupted run drew. A packed
+        datamodule keeps one per ``member``, each with that member's ``seed``.
         """
         assert self.trainer is not None  # augmentation runs in training only
-        key = (self.trainer.current_epoch, str(device))
-        if getattr(self, "_generator_key", None) != key:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(epoch_seed(self.seed, key[0]))
-            self._generator_key = key
-        return self._generator
+        key = (self.seed if seed is None else seed, self.trainer.current_epoch, str(device))
+        held = self._generators.get(member)
+        if held is None or held[0] != key:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(epoch_seed(key[0], key[1]))
+            held = self._generators[member] = (key, generator)
+        return held[1]
