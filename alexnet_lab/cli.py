@@ -274,6 +274,7 @@ def prepare_job(cfg: DictConfig) -> Any:
     run_dir, overrides = Path(job.runtime.output_dir), list(job.overrides.task)
     with error_policy(run_dir, overrides):
         if (cfg.get("resume") or False) and (done := finished_metrics(run_dir)) is not None:
+            log.info("%s already finished (%s): skipped", run_dir, done["status"])
             return done
         lab = load(cfg, config.LabConfig)
         check_optimizer(lab)

@@ -22,7 +22,6 @@ metrics.json has the fields of any run's, and ``pack``: where it trained.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import sys
@@ -55,6 +54,7 @@ from alexnet_lab.train import (
     DIVERGED,
     RunInterrupted,
     build_loggers,
+    build_module,
     check_optimizer,
     divergence_guard,
     finish,
@@ -70,6 +70,8 @@ from alexnet_lab.train import (
 
 log = logging.getLogger(__name__)
 
+#: a run's log file in its run dir: Hydra's job log, ${hydra.job.name}.log (conf/config.yaml: train)
+RUN_LOG = "train.log"
 #: the share of a GPU's free memory a pack may plan to fill (the rest: the data set, the allocator's slack)
 GPU_MEMORY_SHARE = 0.8
 
@@ -138,8 +140,13 @@ class PackedData(ImageFolderDataModule):
 
     def __init__(self, members: Sequence[tuple[DataConfig, int]]) -> None:
         super().__init__(members[0][0], seed=members[0][1])
+        self.use(members)
+
+    def use(self, members: Sequence[tuple[DataConfig, int]]) -> None:
+        """Serve these members from now on (a part of the pack trained on its own): fresh augmentation generators."""
         self.members = list(members)
         self.training = [True] * len(members)  # members still training: the others get no batches
+        self._generators.clear()
 
     def train_dataloader(self) -> Any:
         cache = self._load()
@@ -501,11 +508,11 @@ def member_logs(jobs: Sequence[PackJob]) -> Iterator[list[logging.Handler]]:
     (Lightning's, the pack's) to all of them.
     """
     root = logging.getLogger()
-    template = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
-    name = Path(template.baseFilename).name if template is not None else "train.log"
+    template = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)  # Hydra's job log
     handlers: list[logging.Handler] = []
     for index, job in enumerate(jobs):
-        handler = logging.FileHandler(Path(job.run_dir) / name)
+        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(job.run_dir) / RUN_LOG)
         if template is not None:
             handler.setFormatter(template.formatter)
         handler.addFilter(MemberFilter(index))
@@ -538,15 +545,19 @@ def recorded(jobs: Sequence[PackJob], log_files: Sequence[logging.Handler]) -> I
     """
     try:
         yield
-    except torch.OutOfMemoryError as err:
-        raise LabError(
-            f"out of memory training a pack of {len(jobs)} runs ({one_line(err)[:120]}): lower hydra.sweeper.max_size"
-        ) from err
+    except RunInterrupted:  # recorded as interrupted, not failed
+        raise
     except Exception as err:
-        message = one_line(err) if isinstance(err, LabError) else f"{type(err).__name__}: {one_line(err)}"
+        failure = err
+        if isinstance(err, torch.OutOfMemoryError):
+            size = f"a pack of {len(jobs)} runs ({one_line(err)[:120]})"
+            failure = LabError(f"out of memory training {size}: lower hydra.sweeper.max_size")
+        message = one_line(failure) if isinstance(failure, LabError) else f"{type(err).__name__}: {one_line(err)}"
         for job, log_file in zip(jobs, log_files, strict=True):
             record_failure(Path(job.run_dir), err, message, job.overrides, [log_file])
-        raise
+        if failure is err:
+            raise
+        raise failure from err
 
 
 def _train_members(
@@ -594,13 +605,7 @@ def build_member(
 ) -> Member:
     """A member's module (initial weights as the run alone gets them), loggers, callbacks, and its last.ckpt."""
     pl.seed_everything(lab.seed, workers=True, verbose=False)  # train() seeds the same way before building
-    module = AlexNetClassifier(
-        model=dataclasses.asdict(lab.model),
-        optim=dataclasses.asdict(lab.optim),
-        classes=datamodule.classes,
-        in_channels=datamodule.in_channels,
-        scheduler=dataclasses.asdict(lab.scheduler),
-    )
+    module = build_module(lab, datamodule)
     callbacks = instantiate_group("callbacks", lab.callbacks)
     stoppers = [divergence_guard(lab), *(c for c in callbacks if isinstance(c, EarlyStopping))]
     member = Member(
@@ -677,7 +682,7 @@ def fit_members(members: list[Member], datamodule: PackedData, pack: Pack, pack_
     started = time.perf_counter()
     for index, member in enumerate(members):  # their positions in this run's module and optimizer
         member.index = index
-    datamodule.members = [(member.lab.data, member.lab.seed) for member in members]
+    datamodule.use([(member.lab.data, member.lab.seed) for member in members])
     where = {"id": pack_dir.name, "dir": str(pack_dir), "size": len(members)}
     module = PackedClassifier(members, where, datamodule)
     shared = members[0].lab

@@ -199,7 +199,9 @@ def describe(packs: Sequence[Pack], max_size: int) -> list[str]:
             if any(fnmatch.fnmatchcase(key, pattern) for pattern in VARIED)
             and len({repr(r.get(key)) for r in flat}) > 1
         )
-        parts = [f"members differ in {', '.join(varied)}" if varied else "members differ in nothing learned"]
+        parts = [
+            f"members differ in {', '.join(varied)}" if varied else "one job" if len(flat) == 1 else "no differences"
+        ]
         if index and packs[index - 1].group == pack.group:
             parts.append(f"split from pack {index - 1}: at most {max_size} members a pack")
         elif pack.differs:

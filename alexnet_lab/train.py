@@ -280,13 +280,7 @@ def train(
     datamodule = ImageFolderDataModule(lab.data, seed=lab.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = AlexNetClassifier(
-        model=dataclasses.asdict(lab.model),
-        optim=dataclasses.asdict(lab.optim),
-        classes=datamodule.classes,
-        in_channels=datamodule.in_channels,
-        scheduler=dataclasses.asdict(lab.scheduler),
-    )
+    module = build_module(lab, datamodule)
     last = run_dir / "checkpoints" / "last.ckpt"
     resume_from = str(last) if resume and last.exists() else None
     if lab.ckpt_path and not resume_from:  # a new run from trained weights (a resumed one has its own)
@@ -342,6 +336,17 @@ def finish(
         "balanced %(test_balanced_acc).3f -> %(run_dir)s",
         {**metrics, "outcome": "done" if metrics["status"] == "ok" else metrics["status"], "run_dir": run_dir},
         extra=extra,
+    )
+
+
+def build_module(lab: LabConfig, datamodule: ImageFolderDataModule) -> AlexNetClassifier:
+    """The module ``lab`` describes, for the data's classes and channels (weights from torch's global RNG)."""
+    return AlexNetClassifier(
+        model=dataclasses.asdict(lab.model),
+        optim=dataclasses.asdict(lab.optim),
+        classes=datamodule.classes,
+        in_channels=datamodule.in_channels,
+        scheduler=dataclasses.asdict(lab.scheduler),
     )
 
 

@@ -140,10 +140,10 @@ def long_sweep(sweep: Path, data: Path, *params: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def long_sweep_running(sweep: Path, data: Path) -> Iterator[subprocess.Popen]:
-    """A one-job sweep of LONG_RUN (seed 0) on the local Slurm, started in the background; killed on leaving."""
+def long_sweep_running(sweep: Path, data: Path, *params: str) -> Iterator[subprocess.Popen]:
+    """A sweep of LONG_RUN (``params``; default: one job, seed 0) on the local Slurm, in the background."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    args = long_sweep(sweep, data, "seed=0")
+    args = long_sweep(sweep, data, *(params or ("seed=0",)))
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=data,
@@ -236,6 +236,30 @@ def test_a_job_cancelled_before_its_result_fails_the_sweep_instead_of_hanging(sl
     assert process.returncode == 1
     last = stderr.strip().splitlines()[-1]
     assert "ended without a result (state CANCELLED)" in last and "_log.err" in last, last
+
+
+@pytest.mark.slow
+@on_local_slurm
+def test_a_pack_is_one_slurm_job_and_a_preempted_pack_resumes_every_member(slurm, data, tmp_path):
+    sweep = tmp_path / "sweep"
+    with long_sweep_running(sweep, data, "seed=0,1", "hydra/sweeper=packed") as process:
+        wait_for(lambda: any(sweep.glob("1_*/checkpoints/last.ckpt")) or process.poll() is not None, what="an epoch")
+        assert process.poll() is None, "the pack finished before the signal: make LONG_RUN longer"
+        (job,) = job_ids(sweep)  # the two runs are one Slurm job
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        # while the pack waits to start again: each seed alone, uninterrupted, on this machine
+        for seed in (0, 1):
+            alone = run_train([f"seed={seed}", *long_run(data), f"hydra.run.dir={tmp_path / str(seed)}"], data)
+            assert alone.returncode == 0, alone.stderr[-3000:]
+        stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "packed sweep: 2 jobs in 1 packs" in stdout + stderr
+    for seed in (0, 1):
+        (run,) = sweep.glob(f"{seed}_*")
+        assert "resuming from" in (run / "train.log").read_text(), "the requeued pack continues from last.ckpt"
+        packed = read_metrics(run)
+        assert packed["pack"]["size"] == 2
+        assert comparable(packed) == comparable(read_metrics(tmp_path / str(seed)))
 
 
 @pytest.mark.slow

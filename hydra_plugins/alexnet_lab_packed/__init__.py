@@ -35,14 +35,12 @@ class PackedSweeper(BasicSweeper):
         from omegaconf import OmegaConf, open_dict
 
         from alexnet_lab.cli import prepare_job
-        from alexnet_lab.errors import ConfigError, LabError
+        from alexnet_lab.errors import LabError, fail
         from alexnet_lab.packing import PackJob, describe, plan, write_pack
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         if isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < 1:
-            raise ConfigError(
-                f"hydra.sweeper.max_size={self.max_size!r}: must be an integer >= 1 (the most runs one pack trains)"
-            )
+            fail(f"hydra.sweeper.max_size={self.max_size!r}: must be an integer >= 1 (the most runs one pack trains)")
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         (jobs,) = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]), None)
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
