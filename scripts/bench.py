@@ -4,6 +4,8 @@
     python scripts/bench.py --json           # one JSON object on stdout (the table goes to stderr)
     python scripts/bench.py --quick          # a smoke run, under a minute; its ratios are rough
     python scripts/bench.py trainer.enable_progress_bar=false   # extra overrides for every run
+    python scripts/bench.py --packed 8 --downscales 16   # packed sweeps: 8 seeds as one pack (8 min on 2 cores)
+    python scripts/bench.py --packed 8 data.image_size=64 --downscales 16   # where the model costs least (2 min)
 
 All on the embedded data set at 256 px (generated into data/ on first use, like `python
 train.py`), in one process, measurements interleaved (A B C, B C A, ...) because these machines
@@ -39,12 +41,26 @@ are noisy; ratios are of medians.
   ``compile_speedup`` (torch.compile; on a GPU also mode reduce-overhead, i.e. CUDA graphs).
 - ``preprocess_vs_naive``: ``build_cache`` against the notebook's one-image-at-a-time loop
   on the same raw files (functions of scripts/bench_preprocess.py).
+
+With ``--packed K`` the bench measures packed sweeps instead (``hydra/sweeper=packed``), per
+``model.downscale``: K runs that differ only in their seed (0 .. K-1) trained as one pack
+(``alexnet_lab.packed.train_pack``, one Lightning run), against the same K runs one after
+another (``alexnet_lab.train.train``, as above) and against K bare loops one after another (each
+with its own seed), interleaved in rounds. Images/s are of training epochs, timed by the same
+clock for all three (a packed epoch trains K members' images); each run's first epoch is a
+warm-up. Per round, each contender's median epoch's images/s; ``packed_vs_bare`` and
+``packed_vs_unpacked`` are the medians of the rounds' ratios, ``..._spread`` their [min, max]
+over the rounds. ``images_per_s``, ``epoch_s`` (every measured epoch), ``wall_s`` (each round's
+whole wall time: the unpacked runs' and the pack's setup and test too), ``packed_images_per_epoch``
+and ``member_images_per_epoch`` (one run's), ``packed_runs_ok`` (the pack's run dirs whose
+metrics.json says ok). Defaults: ``trainer.max_epochs`` 6 (``--quick``: 3), 4 rounds (``--rounds``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -73,6 +89,7 @@ sys.path.insert(0, str(ROOT / "scripts"))  # bench_preprocess and bench_help liv
 
 from bench_help import cpu_seconds_of_others
 
+import alexnet_lab.packed
 import alexnet_lab.train
 from alexnet_lab.cli import keep_freed_host_memory, load
 from alexnet_lab.config import LabConfig
@@ -81,9 +98,12 @@ from alexnet_lab.data.preprocess import build_cache, scan_folder
 from alexnet_lab.data.sampling import epoch_order, epoch_seed
 from alexnet_lab.model import to_float
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
+from alexnet_lab.packing import Pack, PackJob, write_pack
 from alexnet_lab.train import train
 
 DOWNSCALES = (16, 8, 4)
+#: --packed: epochs per run (the first a warm-up) and interleaved rounds, unless given
+PACKED_EPOCHS, PACKED_ROUNDS = 6, 4
 
 
 def log(message: str) -> None:
@@ -519,6 +539,182 @@ def compare(cfg: Any, dm: ImageFolderDataModule, work: Path, device: torch.devic
     }
 
 
+# ----------------------------------------------------------------------------- packed sweeps
+
+
+class PackedStepStart(StepStart):
+    """:class:`StepStart` for a pack: a training batch is one (images, labels) per member, None where it has none."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, index: int) -> None:
+        self.clock.start_step(sum(len(part[1]) for part in batch if part is not None))
+
+
+def packed_epochs(cfgs: list[Any], work: Path, device: torch.device) -> tuple[list[Epoch], float, int]:
+    """Train ``cfgs`` as one pack (``alexnet_lab.packed.train_pack``), as a packed sweep's job does; time its epochs.
+
+    The pack file is the sweeper's (one job per config, each its own run dir). The one change: our
+    clock among the callbacks of the pack's Trainer, listed as :func:`lightning_epochs` lists it.
+    Returns the epochs after the first (each K members' images), the run's seconds outside its
+    epochs, and how many of its run dirs have a metrics.json that says ok.
+    """
+    clock = EpochClock(device)
+    clock.starter = PackedStepStart(clock)
+    original = alexnet_lab.packed.lab_trainer
+
+    def with_clock(lab: Any, root: Path, callbacks: list[Any], loggers: list[Any], **fixed: Any) -> pl.Trainer:
+        return original(lab, root, [clock, *callbacks, clock.starter], loggers, **fixed)
+
+    pack_dir = Path(tempfile.mkdtemp(prefix="pack-", dir=work))
+    jobs = []
+    for job, cfg in enumerate(cfgs):
+        run_dir = pack_dir / f"{job}_bench"
+        run_dir.mkdir()
+        jobs.append(PackJob(job, str(run_dir), [f"seed={cfg.seed}"], plain(cfg)))
+    pack_file = write_pack(Pack(jobs, max_size=len(jobs)), pack_dir / "pack.json")
+    started = time.perf_counter()
+    quiet = io.StringIO()  # progress bars and Lightning's banners stay out of the table and the JSON
+    with mock.patch.object(alexnet_lab.packed, "lab_trainer", with_clock), contextlib.redirect_stdout(quiet):
+        with contextlib.redirect_stderr(quiet):
+            outcomes = alexnet_lab.packed.train_pack(pack_file)
+    total = time.perf_counter() - started
+    ok = 0
+    for job in jobs:
+        metrics = Path(job.run_dir) / "metrics.json"
+        ok += metrics.exists() and json.loads(metrics.read_text()).get("status") == "ok"
+    shutil.rmtree(pack_dir, ignore_errors=True)
+    statuses = [outcome.get("status") for outcome in outcomes.values()]
+    if statuses != ["ok"] * len(cfgs) or len(clock.epochs) != cfgs[0].trainer.max_epochs:
+        raise SystemExit(f"bench: the packed run failed ({statuses}):\n{quiet.getvalue()[-3000:]}")
+    return clock.epochs[1:], total - sum(epoch.seconds for epoch in clock.epochs), ok
+
+
+def rate(epochs: list[Epoch]) -> float:
+    """Images per second of these epochs: the median epoch's (robust to the odd epoch another process slowed)."""
+    return statistics.median(epoch.rate for epoch in epochs)
+
+
+def packed_compare(
+    cfgs: list[Any], dm: ImageFolderDataModule, work: Path, device: torch.device, rounds: int
+) -> dict[str, Any]:
+    """One pack of ``cfgs``, the same runs one after another, and as many bare loops, interleaved in rounds."""
+    sides = ["packed", "unpacked", "bare"]
+    epochs: dict[str, list[list[Epoch]]] = {side: [] for side in sides}  # per round
+    wall_s: dict[str, list[float]] = {side: [] for side in sides}  # per round: the side's whole time
+    run_overhead: dict[str, list[float]] = {"packed": [], "unpacked": []}
+    runs_ok = []
+    others_before, started = cpu_seconds_of_others(), time.perf_counter()
+    for round_ in range(rounds):
+        for side in sides[round_ % 3 :] + sides[: round_ % 3]:  # each side first in turn
+            began = time.perf_counter()
+            measured: list[Epoch] = []
+            if side == "packed":
+                measured, overhead, ok = packed_epochs(cfgs, work, device)
+                run_overhead["packed"].append(overhead)
+                runs_ok.append(ok)
+            elif side == "unpacked":
+                for cfg in cfgs:
+                    found, overhead = lightning_epochs(cfg, work, device)
+                    measured += found
+                    run_overhead["unpacked"].append(overhead)
+            else:
+                for cfg in cfgs:
+                    pl.seed_everything(cfg.seed, verbose=False)
+                    seeded = copy.copy(dm)  # the same data and split; the run's own epoch order
+                    seeded.seed = int(cfg.seed)
+                    loop = BareLoop(seeded, cfg, device)
+                    measured += [loop.epoch(e) for e in range(int(cfg.trainer.max_epochs))][1:]  # first: warm-up
+            epochs[side].append(measured)
+            wall_s[side].append(time.perf_counter() - began)
+    rates = {side: [rate(found) for found in epochs[side]] for side in sides}
+
+    def ratios(side: str, against: str) -> list[float]:
+        return [ours / theirs for ours, theirs in zip(rates[side], rates[against], strict=True)]
+
+    vs_bare, vs_unpacked = ratios("packed", "bare"), ratios("packed", "unpacked")
+    return {
+        "packed_vs_bare": statistics.median(vs_bare),
+        "packed_vs_bare_spread": [min(vs_bare), max(vs_bare)],
+        "packed_vs_unpacked": statistics.median(vs_unpacked),
+        "packed_vs_unpacked_spread": [min(vs_unpacked), max(vs_unpacked)],
+        "images_per_s": {side: statistics.median(values) for side, values in rates.items()},
+        "rounds": {"packed_vs_bare": vs_bare, "packed_vs_unpacked": vs_unpacked},
+        "packed_images_per_epoch": statistics.median(e.images for found in epochs["packed"] for e in found),
+        "member_images_per_epoch": statistics.median(e.images for found in epochs["unpacked"] for e in found),
+        "packed_runs_ok": min(runs_ok),
+        "epoch_s": {side: [e.seconds for found in epochs[side] for e in found] for side in sides},
+        "wall_s": wall_s,
+        "run_overhead_s": {side: statistics.median(values) for side, values in run_overhead.items()},
+        "others_cores": (cpu_seconds_of_others() - others_before) / (time.perf_counter() - started),
+    }
+
+
+def packed_vs_bare(
+    args: argparse.Namespace, base: list[str], dm: ImageFolderDataModule, device: torch.device, work: Path
+) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """Every downscale, --packed K seeds: the JSON keys, and rows for the table."""
+    result: dict[str, Any] = {"packed": args.packed}
+    rows = []
+    rounds = 1 if args.quick else (args.rounds or PACKED_ROUNDS)
+    for downscale in args.downscales:
+        log(f"packed vs unpacked vs bare: {args.packed} seeds, downscale {downscale}, {rounds} rounds ...")
+        switches = [f"model.downscale={downscale}"]
+        cfgs = [compose([*base, *args.overrides, *switches, f"seed={seed}"]) for seed in range(args.packed)]
+        dm.data.augment = bool(cfgs[0].data.augment)
+        if args.wait_quiet:
+            wait_for_quiet(args.wait_quiet)
+        found = packed_compare(cfgs, dm, work, device, rounds)
+        name = f"d{downscale}"
+        for key in (
+            "packed_vs_bare",
+            "packed_vs_bare_spread",
+            "packed_vs_unpacked",
+            "packed_vs_unpacked_spread",
+            "images_per_s",
+            "rounds",
+            "packed_images_per_epoch",
+            "member_images_per_epoch",
+            "packed_runs_ok",
+            "epoch_s",
+            "wall_s",
+            "run_overhead_s",
+        ):
+            result.setdefault(key, {})[name] = found[key]
+        result.setdefault("other_processes_cores", {})[name] = found["others_cores"]
+        rows.append((name, found))
+    dm.data.augment = False
+    return result, rows
+
+
+def packed_table(result: dict[str, Any], rows: list[tuple[str, dict[str, Any]]]) -> str:
+    data, quick = result["data"], " | QUICK (rough)" if result["quick"] else ""
+    k = result["packed"]
+    lines = [
+        f"{result['device']} | torch {result['torch']} | lightning {result['lightning']} | {data['train_images']} "
+        f"train images, {data['image_size']} px, batch {data['batch_size']} | packed: {k} seeds{quick}",
+        f"{'run':<5} {'packed img/s':>12} {'unpacked img/s':>14} {'bare img/s':>11}"
+        f" {'packed/bare (min-max)':>22} {'packed/unpacked (min-max)':>26} {'others cores':>13}",
+    ]
+    for name, found in rows:
+        images = found["images_per_s"]
+        vs_bare = "{:.3f} ({:.3f}-{:.3f})".format(found["packed_vs_bare"], *found["packed_vs_bare_spread"])
+        vs_unpacked = "{:.3f} ({:.3f}-{:.3f})".format(found["packed_vs_unpacked"], *found["packed_vs_unpacked_spread"])
+        lines.append(
+            f"{name:<5} {images['packed']:>12.1f} {images['unpacked']:>14.1f} {images['bare']:>11.1f}"
+            f" {vs_bare:>22} {vs_unpacked:>26} {found['others_cores']:>13.2f}"
+        )
+        walls = ", ".join(f"{side} {statistics.median(values):.1f}" for side, values in found["wall_s"].items())
+        lines.append(
+            f"{'':<5} a round's wall s (setup and test too): {walls}; packed epochs of"
+            f" {found['packed_images_per_epoch']:.0f} images ({k} x {found['member_images_per_epoch']:.0f}),"
+            f" {found['packed_runs_ok']} of {k} run dirs ok"
+        )
+    lines.append(
+        f"other processes used {result['other_processes_cores']['whole_run']:.2f} cores on average; "
+        f"{result['seconds']:.0f} s in all"
+    )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- free wins
 
 
@@ -705,7 +901,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute: few batches, rough ratios")
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--downscales", type=int, nargs="+", default=list(DOWNSCALES), help="model.downscale values")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three contenders (--quick: 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"interleaved rounds of the three contenders (3; --packed: {PACKED_ROUNDS}; --quick: 1)",
+    )
+    parser.add_argument(
+        "--packed",
+        type=int,
+        metavar="K",
+        help=f"packed sweeps instead: K seeds as one pack against K runs and K bare loops"
+        f" (trainer.max_epochs={PACKED_EPOCHS}, --quick 3, unless given)",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -737,7 +944,7 @@ def lightning_vs_bare(
             dm.data.augment = augment
             if args.wait_quiet:
                 wait_for_quiet(args.wait_quiet)
-            found = compare(cfg, dm, work, device, rounds=1 if args.quick else args.rounds)
+            found = compare(cfg, dm, work, device, rounds=1 if args.quick else (args.rounds or 3))
             name = f"d{downscale}"
             values = {
                 "lightning_vs_bare": found["ratio"],
@@ -811,8 +1018,10 @@ def main() -> None:
         f"data.raw_dir={ROOT / 'data/synthetic/raw'}",
         f"data.cache_dir={ROOT / 'data/cache'}",
         "data.progress=false",
-        "trainer.max_epochs=3",
+        f"trainer.max_epochs={PACKED_EPOCHS if args.packed and not args.quick else 3}",
     ]
+    if args.packed is not None and args.packed < 2:
+        raise SystemExit(f"bench: --packed {args.packed}: a pack has 2 or more runs")
     if args.quick:  # a few batches per epoch: the same code paths, rough numbers
         base += ["+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]
     cfg = compose([*base, *args.overrides])
@@ -843,6 +1052,14 @@ def main() -> None:
         },
     }
     work = Path(tempfile.mkdtemp(prefix="bench-"))
+    if args.packed:
+        try:
+            found, rows = packed_vs_bare(args, base, dm, device, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        result.update(found)
+        finish(args, result, started, others_started, lambda done: packed_table(done, rows))
+        return
     try:
         found, rows = lightning_vs_bare(args, base, dm, device, work)
         result.update(found)
@@ -863,13 +1080,24 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     if not args.compile:
         result["notes"] = ["torch.compile not measured (--compile measures it; PITFALLS.md: slower on CPU here)"]
+    finish(args, result, started, others_started, lambda done: table(done, rows))
+
+
+def finish(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    started: float,
+    others_started: float,
+    tabled: Callable[[dict[str, Any]], str],
+) -> None:
+    """The run's seconds and the other processes' load into ``result``; the table, the JSON, the --out file."""
     result["seconds"] = time.perf_counter() - started
     # cores' worth of CPU that other processes used while the bench ran: above ~0.2 its ratios are noisy
     others = (cpu_seconds_of_others() - others_started) / result["seconds"]
     result.setdefault("other_processes_cores", {})["whole_run"] = others
     result = rounded(result)
 
-    print(table(result, rows), file=sys.stderr if args.json else sys.stdout, flush=True)
+    print(tabled(result), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps(result, indent=2))
     if args.out:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, in one go, for whoever has a CUDA machine at hand:
-# the GPU tests, the benchmark, and a timed replay of the whole ablation (9 runs) one job at
-# a time, then (time allowing) three jobs sharing the GPU and torch.compile / CUDA graphs.
-# Ends within BUDGET_S seconds (420: 7 minutes; 600 leaves room for the optional steps; REPLAY_S: the
-# replay's own limit, 150 s);
+# the GPU tests, the benchmark (and that of packed sweeps, issue 23), and a timed replay of the
+# whole ablation (9 runs) one job at a time and packed with 5 seeds (45 runs), then (time
+# allowing) three jobs sharing the GPU and torch.compile / CUDA graphs.
+# Ends within BUDGET_S seconds (600: 10 minutes; 780 leaves room for the optional steps; REPLAY_S: the
+# replay's own limit, 150 s; REPLAY_PACKED_S: the packed replay's, 180 s);
 # every figure goes into one file.
 #
 #   scripts/gpu_check.sh [OUT_DIR]       # on the GPU machine, from anywhere; OUT_DIR: outputs/gpu_check/<time>
@@ -12,11 +13,13 @@
 #                                        # antlr4, the joblib launcher) into DIR (outputs/gpu_deps);
 #                                        # the check puts DIR on PYTHONPATH when it exists
 #
-# OUT_DIR receives gpu_check.json (all figures), bench.json, bench_64px.json and gpu_check.log (every step's
-# output); training runs go to a temporary dir. Each step has its own time limit, so a slow or
-# failing step costs its share only; the summary is written whatever happens. Exit status:
+# OUT_DIR receives gpu_check.json (all figures), bench.json, bench_64px.json, bench_packed.json and
+# gpu_check.log (every step's output); training runs go to a temporary dir. Each step has its own
+# time limit, so a slow or failing step costs its share only; the summary is written whatever happens. Exit status:
 # 0 all steps passed, 1 some step failed or timed out, 2 no CUDA device.
 # To rehearse the script itself on a CPU: GPU_CHECK_ON_CPU=1 BENCH_ARGS=--quick BUDGET_S=240 scripts/gpu_check.sh
+# (REPLAY_ARGS: overrides added to every replay, e.g. 'trainer.max_epochs=1 data.image_size=64' for a rehearsal
+# whose replays end within their limits)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -47,7 +50,7 @@ LOG=$OUT_DIR/gpu_check.log
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [ -d outputs/gpu_deps ] && export PYTHONPATH="$ROOT/outputs/gpu_deps:$PYTHONPATH"
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-420} ))  # every step ends by then; the summary takes seconds
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-600} ))  # every step ends by then; the summary takes seconds
 FAILED=0
 declare -A STEP_MS STEP_STATUS
 
@@ -111,10 +114,18 @@ step bench 120 "$PYTHON" scripts/bench.py --json --rounds 2 --out "$OUT_DIR/benc
 QUICK=$([[ "${BENCH_ARGS:-}" == *--quick* ]] && echo --quick)  # a rehearsal's --quick, not its other arguments
 step bench_64px 80 "$PYTHON" scripts/bench.py --json --rounds 2 --out "$OUT_DIR/bench_64px.json" data.image_size=64 $QUICK \
     --downscales 16
+# packed sweeps (issue 23) where they should pay most: 10 seeds as one pack against the same 10 runs one after
+# another and 10 bare loops, at 64 px / downscale 16 (two rounds, not four: the budget)
+step bench_packed 150 "$PYTHON" scripts/bench.py --packed 10 --json --rounds 2 --out "$OUT_DIR/bench_packed.json" \
+    data.image_size=64 $QUICK --downscales 16
 
-# 4. the whole ablation replay, one job at a time (the basic launcher), then three sharing the GPU
-REPLAY=("experiment=glob(ablation_*)" trainer.enable_progress_bar=false data.progress=false)
+# 4. the whole ablation replay, one job at a time (the basic launcher); with 5 seeds each in packs (the 45 runs as
+# packs of the jobs that differ only in what a pack may vary); then (time allowing) three jobs sharing the GPU
+read -ra REPLAY_EXTRA <<< "${REPLAY_ARGS:-}"
+REPLAY=("experiment=glob(ablation_*)" trainer.enable_progress_bar=false data.progress=false ${REPLAY_EXTRA[@]+"${REPLAY_EXTRA[@]}"})
 step replay "${REPLAY_S:-150}" "$PYTHON" train.py -m "${REPLAY[@]}" "hydra.sweep.dir=$RUNS/replay"
+step replay_packed "${REPLAY_PACKED_S:-180}" "$PYTHON" train.py -m "${REPLAY[@]}" "seed=range(5)" hydra/sweeper=packed \
+    "hydra.sweep.dir=$RUNS/replay_packed"
 left=$(( DEADLINE - $(date +%s) ))
 if [ "$left" -ge 60 ] && "$PYTHON" -c "import hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
     step replay_3_jobs "$left" "$PYTHON" train.py -m "${REPLAY[@]}" "hydra.sweep.dir=$RUNS/replay_3_jobs" \
@@ -147,27 +158,41 @@ if small.exists():
     keys = ("lightning_vs_bare", "lightning_vs_bare_aug", "floor_vs_bare", "lightning_vs_floor")
     keys += ("floor_step_overhead_ms", "difference_ms", "epoch_overhead_ms", "step_overhead_ms")
     summary["bench_64px"] = {key: found.get(key) for key in keys}
+packed = out / "bench_packed.json"
+if packed.exists():
+    found = json.loads(packed.read_text())
+    keys = ("packed", "packed_vs_bare", "packed_vs_bare_spread", "packed_vs_unpacked", "packed_vs_unpacked_spread")
+    summary["bench_packed"] = {key: found.get(key) for key in (*keys, "images_per_s", "packed_runs_ok", "quick")}
 compiled = out / "bench_compile.json"
 if compiled.exists():
     found = json.loads(compiled.read_text())
     summary["compile"] = {key: found.get(key) for key in ("compile_speedup", "compile_first_round_s", "step_ms")}
-for name in ("replay", "replay_3_jobs"):
+for name in ("replay", "replay_packed", "replay_3_jobs"):
     paths = sorted((runs / name).glob("*/metrics.json"))
     found = [json.loads(path.read_text()) for path in paths]
     if not found:
         continue
+    # per Lightning run: the members of a pack share its epochs and its wall_s, so a pack counts once
+    training, walls = {}, {}
+    for path, m in zip(paths, found):
+        where = (m.get("pack") or {}).get("id") or str(path.parent)
+        seconds = sum(row.get("epoch_s", 0.0) for row in m.get("history", []))
+        training[where] = max(training.get(where, 0.0), seconds)  # a pack's longest member
+        walls[where] = m.get("wall_s", 0.0)
     summary[name] = {
         "runs": len(found),
         "statuses": [m.get("status") for m in found],
         "epochs": sum(m.get("epochs", 0) for m in found),
         # training time: every epoch of every run (train + val), as the runs' histories time it
-        "training_s": round(sum(row.get("epoch_s", 0.0) for m in found for row in m.get("history", [])), 2),
-        "runs_wall_s": round(sum(m.get("wall_s", 0.0) for m in found), 2),  # each run's whole train(): setup and test too
+        "training_s": round(sum(training.values()), 2),
+        "runs_wall_s": round(sum(walls.values()), 2),  # each run's (or pack's) whole train(): setup and test too
         "command_wall_s": steps.get(name, {}).get("ms", 0) / 1000,
         "test_acc": {path.parent.name: m.get("test_acc") for path, m in zip(paths, found)},
         # with several GPUs, the jobs of replay_3_jobs take one each, round robin (train.py: own_gpu)
         "devices": [m.get("device") for m in found],
     }
+    if name == "replay_packed":
+        summary[name]["packs"] = len({m["pack"]["id"] for m in found if m.get("pack")})
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
 EOF
