@@ -415,3 +415,15 @@ def test_a_member_needs_more_memory_the_wider_and_larger_it_is(tmp_path):
         sizes[downscale, image_size] = packed.member_bytes(type("M", (), {"module": module})(), data)
     assert sizes[16, 64] < sizes[16, 128] and sizes[16, 64] < sizes[4, 64]
     assert sizes[16, 128] > 3 * sizes[16, 64] // 2  # activations grow with the image's area
+
+
+@pytest.mark.parametrize("setting", ["+trainer.accumulate_grad_batches=2", "+trainer.gradient_clip_val=0.05"])
+def test_lightning_settings_act_on_each_member_as_on_the_run_alone(tmp_path, setting):
+    # accumulation and clipping by norm are per member: the same numbers as each job alone
+    variants = [[setting, "seed=0"], [setting, "seed=1", "model.dropout=0.5"]]
+    train_pack(pack_file(tmp_path, variants, "packed"))
+    for number, variant in enumerate(variants):
+        overrides = overrides_of(tmp_path, variant)
+        train(compose_config(*overrides), tmp_path / "alone" / str(number), overrides)
+        packed, alone = (read_metrics(tmp_path / name) for name in (f"packed/{number}_run", f"alone/{number}"))
+        assert history(packed) == history(alone)
