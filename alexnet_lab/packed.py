@@ -319,7 +319,8 @@ class PackedClassifier(pl.LightningModule):
         """
         if batch_idx % self.trainer.accumulate_grad_batches == 0:  # see optimizer_zero_grad
             self.trainer.optimizers[0].zero_grad()
-        active = [(member, part) for member, part in zip(self.members, batch, strict=True) if part is not None]
+        parts = zip(self.members, batch, strict=True)
+        active = [(member, part) for member, part in parts if part is not None and member.stopped is None]
         for number, (member, part) in enumerate(active):
             with self._random_state(member):
                 loss = member.module.training_step(part, batch_idx)
