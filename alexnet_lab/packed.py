@@ -500,20 +500,20 @@ def pack_job(cfg: Any) -> dict[int, dict[str, Any]]:
     """One job of a packed sweep (``pack=FILE``, set by hydra/sweeper=packed): train that pack; as train_job."""
     pack_dir, _, parallel_jobs, gpu = hydra_job(cfg)
     try:
-        return train_pack(Path(cfg.pack), devices=gpu, parallel_jobs=parallel_jobs)
+        return train_pack(cfg.pack, devices=gpu, parallel_jobs=parallel_jobs)
     except RunInterrupted as err:
         print(f"{pack_dir}: {err}", file=sys.stderr)
         sys.exit(130)
 
 
-def train_pack(pack_file: str | Path, devices: Any = None, parallel_jobs: int = 1) -> dict[int, dict[str, Any]]:
+def train_pack(pack_file: Any, devices: Any = None, parallel_jobs: int = 1) -> dict[int, dict[str, Any]]:
     """Train the pack a pack file describes (alexnet_lab/packing.py); per job number, how its run ended.
 
     A job that trains alone, or a pack of one, trains the ordinary way (:func:`alexnet_lab.train.train`)
     in its own run dir. ``devices``: the Trainer's, when the launcher gave this pack its own GPU.
     """
-    pack_file = Path(pack_file)
     pack = read_pack(pack_file)
+    pack_file = Path(pack_file)
     with member_logs(pack.jobs) as log_files:
         if pack.alone is not None or len(pack.jobs) == 1:
             job = pack.jobs[0]

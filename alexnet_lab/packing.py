@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alexnet_lab.errors import ConfigError
 from alexnet_lab.identity import flatten, format_value
 
 #: Config keys (glob patterns) whose values may differ between the members of one pack: each
@@ -217,6 +218,14 @@ def write_pack(pack: Pack, path: Path) -> Path:
     return path
 
 
-def read_pack(path: Path) -> Pack:
-    data = json.loads(Path(path).read_text())
+def read_pack(path: Any) -> Pack:
+    """The pack a pack file holds; a value of ``pack=`` that names none is one line (ConfigError)."""
+    if not isinstance(path, (str, Path)):
+        raise ConfigError(f"pack={format_value(path)}: must be a pack file's path (hydra/sweeper=packed sets it)")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"pack={path}: not a pack file ({type(err).__name__}); hydra/sweeper=packed writes them"
+        ) from None
     return Pack([PackJob(**job) for job in data["jobs"]], alone=data["alone"], max_size=int(data["max_size"]))

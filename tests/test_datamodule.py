@@ -116,7 +116,7 @@ def test_datamodule_gives_uint8_batches_and_float_on_the_device(make_raw, tmp_pa
     augmented, _ = dm.on_after_batch_transfer((images, labels), 0)
     assert augmented.shape == plain.shape and not torch.allclose(augmented, plain)
     # augmentations are a function of (seed, epoch): the same epoch again draws the same
-    dm._generator_key = None
+    dm._generators.clear()
     assert torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], augmented)
     _Trainer.current_epoch = 1
     assert not torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], augmented)
