@@ -626,7 +626,7 @@ def _train_members(
         by_epoch = sorted(members, key=lambda m: m.resumed["epoch"] if m.resumed else -1)
         for _, group in groupby(by_epoch, key=lambda m: m.resumed["epoch"] if m.resumed else -1):
             for part in fitting(list(group), datamodule):
-                results.update(fit_members(part, datamodule, pack, pack_dir))
+                results.update(fit_members(part, datamodule, pack_dir))
     return results
 
 
@@ -707,7 +707,7 @@ def fitting(members: list[Member], datamodule: PackedData) -> list[list[Member]]
     return [members[start : start + fits] for start in range(0, len(members), fits)]
 
 
-def fit_members(members: list[Member], datamodule: PackedData, pack: Pack, pack_dir: Path) -> dict[int, dict[str, Any]]:
+def fit_members(members: list[Member], datamodule: PackedData, pack_dir: Path) -> dict[int, dict[str, Any]]:
     """One Lightning run of these members (continuing from their last.ckpt where they have one), tested, recorded."""
     started = time.perf_counter()
     for index, member in enumerate(members):  # their positions in this run's module and optimizer
@@ -720,18 +720,19 @@ def fit_members(members: list[Member], datamodule: PackedData, pack: Pack, pack_
     resume_from = None
     if members[0].resumed is not None:  # one checkpoint of the pack, put together from the members' own
         resume_from = pack_dir / "resume.ckpt"
-        checkpoints = [member.resumed for member in members if member.resumed is not None]
+        checkpoints = [member.resumed or {} for member in members]  # all resumed: grouped by their epoch
         state = {
-            f"nets.{m.index}.{name}": value for m in members for name, value in (m.resumed or {})["state_dict"].items()
+            f"nets.{m.index}.{name}": value
+            for m, c in zip(members, checkpoints, strict=True)
+            for name, value in c["state_dict"].items()
         }
         optimizer = optimizer_merge([c["optimizer_states"][0] for c in checkpoints])
         torch.save(
             {**checkpoints[0], "state_dict": state, "optimizer_states": [optimizer], "callbacks": {}}, resume_from
         )
-    params = [OmegaConf.to_container(OmegaConf.create(member.job.config), resolve=True) for member in members]
-    for member, config in zip(members, params, strict=True):
-        for logger in member.loggers:
-            logger.log_hyperparams(config)
+    for member in members:
+        for logger in member.loggers:  # the whole config, resolved, as train() logs it
+            logger.log_hyperparams(member.job.config)
     log.info(
         "training a pack of %d runs (%s) on %s%s",
         len(members),
@@ -757,7 +758,7 @@ def fit_members(members: list[Member], datamodule: PackedData, pack: Pack, pack_
         resume_from.unlink(missing_ok=True)
     results = {}
     wall_s = round(time.perf_counter() - started, 2)
-    for member, config in zip(members, params, strict=True):
+    for member in members:
         test = {name: float(value) for name, value in member.module.epoch_values("test", "test").items()}
         fingerprint = datamodule.preprocessing["data_fingerprint"]
         metrics = run_metrics(
@@ -775,6 +776,6 @@ def fit_members(members: list[Member], datamodule: PackedData, pack: Pack, pack_
             overrides=list(member.job.overrides),
             pack={**where, "member": member.index},
         )
-        finish(member.run_dir, member.loggers, member.steps, config, metrics, extra=member.extra)  # type: ignore[arg-type]
+        finish(member.run_dir, member.loggers, member.steps, member.job.config, metrics, extra=member.extra)
         results[member.job.job] = outcome(metrics)
     return results
