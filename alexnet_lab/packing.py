@@ -44,28 +44,17 @@ MAY_DIFFER = VARIED + PER_RUN
 ONE_PER_PACK = ("optim.name",)
 
 #: Lightning settings a pack cannot keep per member: a job with one of them trains alone.
-#: {trainer key: why}; a key counts when its value is other than Lightning's or the lab's default.
-TRAINER_ALONE = {
-    "strategy": "one process trains a pack",
-    "devices": "a pack trains on one device",
-    "num_nodes": "a pack trains on one device",
-    "overfit_batches": "a pack draws every member's own batches",
-    "fast_dev_run": "a pack's checkpoints are per member",
-    "max_steps": "a pack's steps are not its members' steps",
-    "min_steps": "a pack's steps are not its members' steps",
-    "min_epochs": "each member of a pack stops on its own",
-    "max_time": "each member of a pack stops on its own",
-}
-TRAINER_DEFAULTS = {
-    "strategy": ("auto",),
-    "devices": (1, "1", "auto", [0]),
-    "num_nodes": (1,),
-    "overfit_batches": (0, 0.0),
-    "fast_dev_run": (False, 0),
-    "max_steps": (-1,),
-    "min_steps": (None,),
-    "min_epochs": (None,),
-    "max_time": (None,),
+#: {trainer key: (the values a pack takes: Lightning's or the lab's default, why another cannot be)}
+TRAINER_ALONE: dict[str, tuple[tuple[Any, ...], str]] = {
+    "strategy": (("auto",), "one process trains a pack"),
+    "devices": ((1, "1", "auto", [0]), "a pack trains on one device"),
+    "num_nodes": ((1,), "a pack trains on one device"),
+    "overfit_batches": ((0, 0.0), "a pack draws every member's own batches"),
+    "fast_dev_run": ((False, 0), "a pack's checkpoints are per member"),
+    "max_steps": ((-1,), "a pack's steps are not its members' steps"),
+    "min_steps": ((None,), "a pack's steps are not its members' steps"),
+    "min_epochs": ((None,), "each member of a pack stops on its own"),
+    "max_time": ((None,), "each member of a pack stops on its own"),
 }
 #: Callbacks (their ``_target_``) a pack keeps per member, or once for the pack (progress bars, summaries).
 PACK_CALLBACKS = (
@@ -86,10 +75,6 @@ class PackJob:
     run_dir: str
     overrides: list[str]
     config: dict[str, Any]  # resolved, plain: what train() would load
-
-    @property
-    def label(self) -> str:
-        return f"#{self.job}"
 
 
 @dataclass
@@ -121,9 +106,9 @@ def alone_reason(config: Mapping[str, Any]) -> str | None:
     scheduler = (config.get("scheduler") or {}).get("name", "none")
     if scheduler != "none":
         return f"scheduler={scheduler}: a pack steps no learning-rate schedule"
-    for key, why in TRAINER_ALONE.items():
-        trainer = config.get("trainer") or {}
-        if key in trainer and trainer[key] not in TRAINER_DEFAULTS[key]:
+    trainer = config.get("trainer") or {}
+    for key, (packable, why) in TRAINER_ALONE.items():
+        if key in trainer and trainer[key] not in packable:
             return f"trainer.{key}={format_value(trainer[key])}: {why}"
     for name, spec in (config.get("callbacks") or {}).items():
         if spec is not None and spec.get("_target_") not in PACK_CALLBACKS:
@@ -141,11 +126,13 @@ def plan(jobs: Sequence[PackJob], max_size: int) -> list[Pack]:
     alone: dict[str, str] = {}
     for job in jobs:
         reason = alone_reason(job.config)
-        text = f"alone {job.job}" if reason else json.dumps(pack_key(job.config), sort_keys=True, default=str)
         if reason:
+            text = f"alone {job.job}"
             alone[text] = reason
         else:
-            keys[text] = pack_key(job.config)
+            key = pack_key(job.config)
+            text = json.dumps(key, sort_keys=True, default=str)
+            keys[text] = key
         groups.setdefault(text, []).append(job)
     packs: list[Pack] = []
     first = next(iter(keys.values()), {})
@@ -154,8 +141,8 @@ def plan(jobs: Sequence[PackJob], max_size: int) -> list[Pack]:
             packs.append(Pack(members, alone=alone[text], max_size=max_size, group=group))
             continue
         size = math.ceil(len(members) / math.ceil(len(members) / max_size))
+        differs = key_differences(first, keys[text])
         for start in range(0, len(members), size):
-            differs = key_differences(first, keys[text])
             packs.append(Pack(members[start : start + size], max_size=max_size, differs=differs, group=group))
     return packs
 
