@@ -19,11 +19,13 @@ from __future__ import annotations
 import csv
 import html
 import io
+import itertools
 import json
 import math
+import shlex
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,7 +40,10 @@ from alexnet_lab.identity import (
     config_diff,
     experiment_key,
     flatten,
+    override_key,
     read_overrides,
+    recorded_config,
+    run_identity,
     run_name,
     strip_common,
     without_seed,
@@ -72,13 +77,17 @@ RUN_COLUMNS = {
     "verdicts": "verdicts",
     "status": "status",
 }
-#: The effects table's {key of effects.Effect: header}.
+#: The effects table's {key of effects.Effect: header}; ``simultaneous`` is named with the family's size.
 EFFECT_COLUMNS = {
     "experiment": "experiment",
     "baseline": "compared with",
     "differs": "what differs",
-    "difference": "difference [95 % interval]",
+    "seeds": "seeds",
+    "difference": "difference [95 %: seeds and test images]",
+    "seeds_only": "seeds only",
+    "simultaneous": "all steps together",
     "verdict": "verdict",
+    "needs": "to settle it",
     "method": "how",
 }
 #: The per-experiment table's {key in :func:`experiment_rows`: header}; each metric shows mean ± std.
@@ -117,17 +126,6 @@ def find_run_dirs(path: str | Path) -> list[Path]:
     return runs
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    try:
-        # unresolved: run_name is an interpolation that needs Hydra's runtime
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:  # a missing or damaged .hydra file leaves the config unknown, nothing worse
-        return {}
-    return {str(key): value for key, value in loaded.items()} if isinstance(loaded, dict) else {}
-
-
 def _label(path: Path, metrics: Mapping[str, Any]) -> str:
     """The run's name as identity gives it from its overrides; else metrics.json's; else the dir name's."""
     overrides = read_overrides(path)
@@ -142,9 +140,7 @@ def _label(path: Path, metrics: Mapping[str, Any]) -> str:
 def load_run(path: str | Path) -> Run:
     """Read one run dir; a missing or damaged ``metrics.json`` becomes the run's status, not an error."""
     path = Path(path)
-    config = _load_yaml(path / ".hydra" / "config.yaml")
-    hydra_cfg = _load_yaml(path / ".hydra" / "hydra.yaml").get("hydra") or {}  # a torn file may end at "hydra:"
-    choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
+    config, choices = recorded_config(path)
     try:
         metrics = json.loads((path / "metrics.json").read_text())
         if not isinstance(metrics, dict):
@@ -165,8 +161,7 @@ def load_run(path: str | Path) -> Run:
         error=error,
         metrics=metrics,
         config=flatten(config),
-        # a group left unchosen (``experiment: null``) is no choice
-        choices={str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra/")},
+        choices=choices,
         thresholds=thresholds,
     )
     # recomputed with the run's own thresholds, so that every run of a report follows today's
@@ -189,7 +184,7 @@ def one_per_seed(runs: Sequence[Run]) -> list[Run]:
     """
     chosen: dict[Any, Run] = {}
     for run in runs:
-        key = (experiment_key(run), repr(run.config.get("seed"))) if run.config else id(run)
+        key = run_identity(run) if run.config else id(run)
         if key not in chosen or run.finished or not chosen[key].finished:
             chosen[key] = run
     kept = {id(run) for run in chosen.values()}
@@ -315,6 +310,7 @@ class Report:
     effects: list[effects_module.Effect]  # every experiment against the one it builds on
     summary: list[str]  # the first screen: which steps mattered, in a few sentences
     progress: tuple[int, int] | None = None  # (jobs done, jobs in the sweep) while a sweep runs; None: complete
+    more_seeds: list[str] = field(default_factory=list)  # the commands that add the seeds unsettled steps need
 
     @property
     def rules(self) -> dict[str, str]:
@@ -340,8 +336,16 @@ class Report:
             heading = "Per experiment: mean ± standard deviation [95 % interval of the mean] over seeds"
             tables.append((heading, EXPERIMENT_COLUMNS, self.experiment_rows))
         if self.effects:
-            rows = [{**vars(effect), "difference": effect.difference.signed()} for effect in self.effects]
-            tables.append((f"Effect of each step on {self.effects[0].metric}", EFFECT_COLUMNS, rows))
+            rows = [
+                {
+                    **vars(effect),
+                    "seeds": f"{effect.seeds[1]} vs {effect.seeds[0]}",
+                    **{key: getattr(effect, key).signed() for key in ("difference", "seeds_only", "simultaneous")},
+                }
+                for effect in self.effects
+            ]
+            columns = {**EFFECT_COLUMNS, "simultaneous": f"all {self.effects[0].family} steps together (Bonferroni)"}
+            tables.append((f"Effect of each step on {self.effects[0].metric}", columns, rows))
         return [
             (heading, list(columns.values()), [[_cell(row, key) for key in columns] for row in rows])
             for heading, columns, rows in tables
@@ -353,17 +357,85 @@ def build_report(
     title: str = "",
     *,
     metric: str = effects_module.DEFAULT_METRIC,
+    delta: float = effects_module.DEFAULT_DELTA,
     progress: tuple[int, int] | None = None,
 ) -> Report:
-    """The report on ``source``: a run dir, a sweep dir, a metrics.json, or runs from :func:`load_runs`."""
+    """The report on ``source``: a run dir, a sweep dir, a metrics.json, or runs from :func:`load_runs`.
+
+    ``metric``: what the effect of each step is measured on; ``delta``: the smallest difference
+    in it worth telling from none (:mod:`alexnet_lab.effects`).
+    """
     if isinstance(source, Report):
         return source
     runs = load_runs(source) if isinstance(source, (str, Path)) else list(source)
     experiments = group_runs(runs)
-    found = effects_module.effects(experiments, metric)
+    found = effects_module.effects(experiments, metric, delta)
     summary = effects_module.summary(experiments, found)
     rows = experiment_rows(experiments)
-    return Report(title, runs, run_rows(runs), experiments, rows, found, summary, progress)
+    commands = more_seeds(experiments, found)
+    return Report(title, runs, run_rows(runs), experiments, rows, found, summary, progress, commands)
+
+
+def _seed_list(seeds: set[Any], count: int) -> str | None:
+    """``seed=range(24)`` or ``seed=0,3,5,...``: ``seeds`` and the smallest others, ``count`` in all.
+
+    None if a seed is unknown (a run without its config).
+    """
+    known = {seed for seed in seeds if isinstance(seed, int) and not isinstance(seed, bool)}
+    if len(known) < len(seeds):
+        return None
+    extra = (n for n in itertools.count() if n not in known)
+    listed = sorted(known | set(itertools.islice(extra, max(0, count - len(known)))))
+    return f"seed=range({len(listed)})" if listed == list(range(len(listed))) else "seed=" + ",".join(map(str, listed))
+
+
+def more_seeds(experiments: Sequence[Experiment], found: Sequence[effects_module.Effect]) -> list[str]:
+    """The commands that train the seeds the unsettled steps need into their sweep dir, packed; finished runs skipped.
+
+    Experiments joined by unsettled steps get one seed list (the most any of those steps needs),
+    so that their steps stay paired by seed. One command per such group and shared overrides:
+    each run's own overrides (``.hydra/overrides.yaml``), ``experiment=`` joined, ``seed=`` the list.
+    """
+    by_label = {experiment.label: experiment for experiment in experiments}
+    group: dict[str, str] = {}  # experiment label -> the label that stands for its group
+
+    def root(label: str) -> str:
+        while group.setdefault(label, label) != label:
+            label = group[label]
+        return label
+
+    need: dict[str, int] = {}
+    for effect in found:
+        if effect.seeds_needed is not None:
+            group[root(effect.experiment)] = root(effect.baseline)
+            for label in (effect.baseline, effect.experiment):
+                need[label] = max(need.get(label, 0), effect.seeds_needed)
+    groups: dict[str, list[Experiment]] = {}
+    for label in need:
+        groups.setdefault(root(label), []).append(by_label[label])
+    commands = []
+    for members in groups.values():
+        seeds = _seed_list(
+            {run.config.get("seed") for e in members for run in e.runs}, max(need[e.label] for e in members)
+        )
+        if seeds is None:
+            continue  # a run whose config (and so its seed) is unknown: no command can name its seeds
+        lines: dict[tuple[str, ...], list[str]] = {}  # the overrides but experiment= -> the command line
+        for experiment in members:
+            overrides = read_overrides(experiment.runs[0].path)
+            if overrides is None:
+                continue
+            kept = [o for o in overrides if override_key(o) not in ("seed", "resume", "pack")]
+            line = lines.setdefault(tuple(o for o in kept if override_key(o) != "experiment"), kept)
+            chosen = [o for o in kept if override_key(o) == "experiment"]
+            if line is not kept and chosen:  # another step of the same command: experiment=a,b
+                at = next(i for i, o in enumerate(line) if override_key(o) == "experiment")
+                line[at] += "," + chosen[0].split("=", 1)[1]
+        tail = ["hydra/sweeper=packed", f"hydra.sweep.dir={members[0].runs[0].path.parent}", "resume=true"]
+        for line in lines.values():
+            at = next((i + 1 for i, o in enumerate(line) if override_key(o) == "experiment"), len(line))
+            commands.append(shlex.join(["python", "train.py", "-m", *line[:at], seeds, *line[at:], *tail]))
+    return commands
 
 
 # --------------------------------------------------------------------------- tables as text
@@ -400,6 +472,12 @@ PHASES_RULE = (
 )
 
 
+MORE_SEEDS = (
+    "The unsettled steps' seeds, trained packed into this sweep dir; runs that finished are skipped, "
+    "and the report then pools every run of an experiment:"
+)
+
+
 def report_markdown(report: Report) -> str:
     """report.md: the answer first (summary), then the tables, the curves, and the rules behind the words."""
     parts = [f"# Sweep report: {report.title}" if report.title else "# Sweep report", "", report.status_line, ""]
@@ -407,6 +485,8 @@ def report_markdown(report: Report) -> str:
     for heading, headers, cells in report.tables:
         parts += [f"## {heading}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         parts += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells] + [""]
+    if report.more_seeds:
+        parts += ["## More seeds", "", MORE_SEEDS, "", "```", *report.more_seeds, "```", ""]
     parts += ["![one panel per experiment: accuracy and loss per epoch](curves.png)", ""]
     parts += ["Interactive curves: report.html.", "", "## Verdicts", ""]
     parts += [f"- `{name}`: {text}" for name, text in report.rules.items()] + ["", PHASES_RULE]
@@ -443,6 +523,9 @@ def report_html(report: Report, figure: go.Figure) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
         tables += f"<h2>{html.escape(heading)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if report.more_seeds:
+        commands = html.escape("\n".join(report.more_seeds))
+        tables += f"<h2>More seeds</h2><p>{html.escape(MORE_SEEDS)}</p><pre>{commands}</pre>"
     plot = figure.to_html(full_html=False, include_plotlyjs=True)
     rules = "".join(f"<li><code>{name}</code>: {html.escape(text)}</li>" for name, text in report.rules.items())
     style = (
@@ -659,6 +742,7 @@ def write_report(
     *,
     html_report: bool = True,
     metric: str = effects_module.DEFAULT_METRIC,
+    delta: float = effects_module.DEFAULT_DELTA,
     progress: tuple[int, int] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.csv, curves.png (and report.html) into ``path``, a run or sweep dir.
@@ -671,7 +755,7 @@ def write_report(
     out = Path(path)
     if out.is_file():
         out = out.parent
-    report = build_report(out, out.name, metric=metric, progress=progress)  # computed once for all
+    report = build_report(out, out.name, metric=metric, delta=delta, progress=progress)  # computed once for all
     written = {
         "report.md": _write_text(out / "report.md", report_markdown(report)),
         "report.csv": _write_text(out / "report.csv", report_csv(report)),
