@@ -44,6 +44,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from alexnet_lab.data.sampling import epoch_seed
+from alexnet_lab.effects import DEFAULT_DELTA, DEFAULT_METRIC
+from alexnet_lab.errors import ConfigError
 from alexnet_lab.module import AlexNetClassifier
 
 log = logging.getLogger(__name__)
@@ -336,25 +338,34 @@ class SweepReport(Callback):
     """Write report.md, report.csv, curves.png and report.html into the sweep dir, after every job.
 
     So a long sweep shows its results as they come: until the last job the report says "in
-    progress (k of n jobs)". ``metric`` is what the effect of each step is measured on. The
+    progress (k of n jobs)". ``metric`` is what the effect of each step is measured on, ``delta``
+    the smallest difference in it worth telling from none (alexnet_lab/effects.py). The
     report reads every run again, so on a GPU, where a job takes seconds, rewriting it after
     each one would cost a good part of the sweep: an in-progress report is written at most
     every ``every_s`` seconds (the first job's always, and the last one's or else the sweep's end).
     """
 
-    def __init__(self, html: bool = True, metric: str = "test_balanced_acc", every_s: float = 60.0) -> None:
-        self.html, self.metric, self.every_s = html, metric, every_s
+    def __init__(
+        self, html: bool = True, metric: str = DEFAULT_METRIC, delta: float = DEFAULT_DELTA, every_s: float = 60.0
+    ) -> None:
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 0:
+            raise ConfigError(f"hydra.callbacks.sweep_report.delta={delta}: must be a number > 0 (in {metric}'s units)")
+        self.html, self.metric, self.delta, self.every_s = html, metric, delta, every_s
         self.jobs: int | None = None  # in the whole sweep, when the sweeper says
+        # run dirs already finished when this sweep started (more seeds into a sweep dir): not this sweep's progress
+        self.before = 0
         self._written_at = -math.inf  # time.monotonic() of the last in-progress report
         self._complete = False  # the last job's report is written: the sweep's end has nothing to add
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.jobs = _sweep_size(config)
+        self.before = _finished_dirs(Path(config.hydra.sweep.dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.get("mode") in (RunMode.MULTIRUN, "MULTIRUN"):
             sweep_dir = Path(config.hydra.sweep.dir)
-            done = sum((path / "metrics.json").is_file() for path in sweep_dir.iterdir() if path.is_dir())
+            # a run that resume=true skips is not counted: the report then stays "in progress" until the sweep's end
+            done = _finished_dirs(sweep_dir) - self.before
             total = max(self.jobs or done, done)
             if done < total and time.monotonic() - self._written_at < self.every_s:
                 return  # the next one will say more
@@ -370,10 +381,19 @@ class SweepReport(Callback):
         try:
             from alexnet_lab.report import write_report
 
-            written = write_report(sweep_dir, html_report=self.html, metric=self.metric, progress=progress)
+            written = write_report(
+                sweep_dir, html_report=self.html, metric=self.metric, delta=self.delta, progress=progress
+            )
             log.info("sweep report: %s", written["report.md"])
         except Exception as err:  # noqa: BLE001  (a report problem must never fail the sweep)
             log.warning("sweep report not written for %s: %s: %s", sweep_dir, type(err).__name__, err)
+
+
+def _finished_dirs(sweep_dir: Path) -> int:
+    """How many run dirs of a sweep dir have their metrics.json."""
+    if not sweep_dir.is_dir():
+        return 0
+    return sum((path / "metrics.json").is_file() for path in sweep_dir.iterdir() if path.is_dir())
 
 
 def _sweep_size(config: DictConfig) -> int | None:

@@ -36,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from alexnet_lab import config
 from alexnet_lab.config import load
 from alexnet_lab.errors import LabError, defaults, fail, one_line
-from alexnet_lab.identity import finished_metrics, record_failure, run_name
+from alexnet_lab.identity import finished_metrics, home_of, record_failure, run_name
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def _register() -> None:
         store.store(name=f"{name}_schema", node=defaults(schema))
     OmegaConf.register_new_resolver("run_name", lambda overrides: run_name(list(overrides)), replace=True)
     OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True)
+    OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir, replace=True)
     OmegaConf.register_new_resolver("wandb_offline", _wandb_offline, replace=True)
 
 
@@ -100,6 +101,21 @@ def _config_subdir(resume: bool) -> str | None:
     if resume and finished_metrics(Path(HydraConfig.get().runtime.output_dir)) is not None:
         return None
     return ".hydra"
+
+
+def _sweep_subdir(job: Any, name: str, *, _root_: DictConfig) -> str:
+    """A sweep job's dir: ``<job>_<name>``, unless a dir of the sweep dir already holds this very run (config and seed).
+
+    So a sweep rerun into its sweep dir with more seeds (``hydra.sweep.dir=... resume=true``)
+    finds its finished runs whatever job numbers the longer sweep gives them, and never leaves
+    two dirs of one run.
+    """
+    config = OmegaConf.to_container(_root_, resolve=False)
+    assert isinstance(config, dict)
+    task = {str(key): value for key, value in config.items() if key != "hydra"}  # what Hydra saves as config.yaml
+    choices = OmegaConf.to_container(_root_.hydra.runtime.choices)
+    assert isinstance(choices, dict)
+    return home_of(Path(str(_root_.hydra.sweep.dir)), task, choices) or f"{job}_{name}"
 
 
 _register()
@@ -182,6 +198,8 @@ def run_command(main: Callable[[], Any]) -> None:
             fail(one_line(error), status=1)
         # a mistake in the command line itself: Hydra or OmegaConf rejected it
         cause = error.__cause__
+        if isinstance(cause, LabError):  # a bad setting of something Hydra builds itself (a callback's)
+            fail(one_line(cause))
         if isinstance(cause, OmegaConfBaseException):  # an override of the wrong type, or an unknown key
             first = one_line(error)
             where = first.removeprefix("Error merging override ")  # the override, as typed
@@ -337,17 +355,26 @@ def preprocess_command() -> None:
 
 def report_command(argv: list[str] | None = None) -> int:
     """``alexnet-lab-report SWEEP_OR_RUN_DIR``: (re)write a sweep's or a run's report and print it."""
+    from alexnet_lab.effects import DEFAULT_DELTA, DEFAULT_METRIC
     from alexnet_lab.report import write_report
 
     parser = argparse.ArgumentParser(prog="alexnet-lab-report", description=report_command.__doc__)
     parser.add_argument("path", help="a sweep dir (outputs/multirun/...), a run dir, or a run's metrics.json")
     parser.add_argument("--no-html", action="store_true", help="skip report.html (about 5 MB: plotly.js is embedded)")
     parser.add_argument(
-        "--metric", default="test_balanced_acc", help="what the effect of each step is measured on (a metrics.json key)"
+        "--metric", default=DEFAULT_METRIC, help="what the effect of each step is measured on (a metrics.json key)"
+    )
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=DEFAULT_DELTA,
+        help=f"the smallest effect worth telling from none, in the metric's units (default {DEFAULT_DELTA})",
     )
     args = parser.parse_args(argv)
+    if not args.delta > 0:
+        fail(f"--delta={args.delta}: must be a number > 0 (e.g. {DEFAULT_DELTA} of an accuracy)")
     try:
-        written = write_report(args.path, html_report=not args.no_html, metric=args.metric)
+        written = write_report(args.path, html_report=not args.no_html, metric=args.metric, delta=args.delta)
     except (LabError, OSError) as err:  # no runs there, or a report file that cannot be written
         fail(one_line(err))
     print(written["report.md"].read_text(encoding="utf-8"))

@@ -6,7 +6,9 @@ One list, :data:`NOT_LEARNED`, names the config keys that do not change what a r
 experiments (:func:`experiment_key`) and its "what differs" column (:func:`config_diff`) all
 leave those keys out, so ``resume=true`` or another cache folder never makes a run look new.
 A run's results are read (:func:`finished_metrics`) and written (:func:`write_json`) here too.
-Nothing here imports more than the standard library, PyYAML and the lab's error classes.
+Which dir of a sweep already holds a run (:func:`home_of`) is decided here by that identity too.
+Nothing here imports more than the standard library, PyYAML, OmegaConf (to read what Hydra
+wrote) and the lab's error classes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -190,6 +193,74 @@ def experiment_key(run: Comparable) -> tuple[Any, ...]:
     """What runs of one experiment share: every learned key but ``seed``, and the group choices."""
     learned = sorted((key, repr(value)) for key, value in run.config.items() if is_learned(key) and key != "seed")
     return (*learned, *sorted(run.choices.items()))
+
+
+def run_identity(run: Comparable) -> tuple[Any, ...]:
+    """What one run is, whatever its dir is called: its experiment and its seed."""
+    return experiment_key(run), repr(run.config.get("seed"))
+
+
+# ----------------------------------------------------------------------------- what a run dir holds
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file of Hydra's as plain data, interpolations left as written; empty if missing or damaged."""
+    from omegaconf import OmegaConf  # as Hydra wrote it: OmegaConf reads its floats (1e-05) as floats
+
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # run_name needs Hydra's runtime
+    except Exception:  # a missing or damaged .hydra file leaves the config unknown, nothing worse
+        return {}
+    return {str(key): value for key, value in loaded.items()} if isinstance(loaded, dict) else {}
+
+
+def group_choices(choices: Mapping[Any, Any]) -> dict[str, str]:
+    """Hydra's ``runtime.choices`` as they tell runs apart: groups left unchosen (``null``) and Hydra's own left out."""
+    return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra/")}
+
+
+def recorded_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A run dir's config and config group choices, as Hydra saved them in ``.hydra/`` (empty where unreadable)."""
+    config = load_yaml(run_dir / ".hydra" / "config.yaml")
+    hydra = load_yaml(run_dir / ".hydra" / "hydra.yaml").get("hydra") or {}  # a torn file may end at "hydra:"
+    return config, group_choices((hydra.get("runtime") or {}).get("choices") or {})
+
+
+#: Sweep job dirs: ``<job number>_<run name>``.
+JOB_DIR = re.compile(r"^\d+_")
+
+
+@dataclass
+class _Recorded:
+    config: dict[str, Any]
+    choices: dict[str, str]
+
+
+#: {run dir: (mtime of its .hydra/config.yaml, its run_identity)}: a sweep's jobs each look for their home
+_identities: dict[Path, tuple[int, tuple[Any, ...]]] = {}
+
+
+def home_of(sweep_dir: Path, config: Mapping[str, Any], choices: Mapping[Any, Any]) -> str | None:
+    """The job dir of ``sweep_dir`` that already holds the run of this config and seed, if one does.
+
+    So that more seeds (or more steps) run into a sweep dir find their finished runs by what
+    they are, not by a job number that the longer sweep gave to another run. Where two dirs hold
+    it (left by an older lab), the finished one, else the first.
+    """
+    wanted = run_identity(_Recorded(flatten(config), group_choices(choices)))
+    found = []
+    for run_dir in sorted(sweep_dir.iterdir(), key=lambda p: natural_key(p.name)) if sweep_dir.is_dir() else []:
+        saved = run_dir / ".hydra" / "config.yaml"
+        if not JOB_DIR.match(run_dir.name) or not saved.is_file():
+            continue
+        stamp = saved.stat().st_mtime_ns
+        if run_dir not in _identities or _identities[run_dir][0] != stamp:
+            stored, stored_choices = recorded_config(run_dir)
+            _identities[run_dir] = (stamp, run_identity(_Recorded(flatten(stored), stored_choices)))
+        if _identities[run_dir][1] == wanted:
+            found.append(run_dir)
+    chosen = [run_dir for run_dir in found if finished_metrics(run_dir) is not None] or found
+    return chosen[0].name if chosen else None
 
 
 # ----------------------------------------------------------------------------- names
