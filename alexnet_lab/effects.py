@@ -64,6 +64,7 @@ class Effect:
     seeds_needed: int | None = None  # seeds a side that would settle an unsettled step
     needs: str = ""  # what an unsettled step needs, in words
     noise: str = ""  # what the interval holds: "seeds and test images", "seeds" or "test images"
+    delta: float = DEFAULT_DELTA  # the smallest difference worth telling from none, in the metric's units
 
 
 def baseline_of(experiments: Sequence[Experiment], index: int) -> int | None:
@@ -189,6 +190,7 @@ def effects(
                 seeds_needed=needed,
                 needs=needs,
                 noise=_noise(found),
+                delta=delta,
             )
         )
     return found_effects
@@ -223,9 +225,18 @@ def summary(experiments: Sequence[Experiment], found: Sequence[Effect]) -> list[
         sentences.append(f"{none[0].verdict.capitalize()} on {none[0].metric}: {listed}.")
     unsettled = [e for e in found if e.verdict == "unsettled"]
     if unsettled:
-        listed = ", ".join(f"{e.experiment} ({e.needs})" for e in unsettled)
+        # the steps more seeds would settle, each with its count; the others by what stands in the way
+        delta = unsettled[0].delta
+        parts = [f"{e.experiment} ({e.seeds_needed} seeds a side)" for e in unsettled if e.seeds_needed is not None]
+        for reason, words in (
+            ("out of reach", f"more than {MAX_SEEDS} seeds a side"),
+            ("more test images", f"the test images alone are too few for ±{delta:g}"),
+        ):
+            blocked = [e.experiment for e in unsettled if e.seeds_needed is None and reason in e.needs]
+            if blocked:
+                parts.append(f"{', '.join(blocked)} ({words})")
         more = ' The command under "More seeds" adds them.' if any(e.seeds_needed for e in unsettled) else ""
-        sentences.append(f"Unsettled: {listed}.{more}")
+        sentences.append(f"Unsettled: {'; '.join(parts)}.{more}")
     never = [e.label for e in experiments if e.finished and all(_never_left_chance(r) for r in e.finished)]
     if never:
         sentences.append(f"Never left chance: {', '.join(never)}.")
