@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alexnet_lab.config import ModelConfig
@@ -162,3 +164,239 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters in `model` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
+
+
+#: dropout(k, h, p) -> h with member k's dropout of rate p applied, drawn from member k's own random stream
+DropoutFn = Callable[[int, torch.Tensor, float], torch.Tensor]
+
+
+def _default_dropout(k: int, h: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout from torch's global random stream, as the member's own nn.Dropout draws it."""
+    return F.dropout(h, p, training=True)
+
+
+def _select_rows(stacked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """stacked[index] (differentiable) with the rows laid out in memory as the stack's are (channels-last stays so)."""
+    order = [0, *sorted(range(1, stacked.dim()), key=lambda dim: -stacked.stride()[dim])]  # outermost in memory first
+    inverse = [order.index(dim) for dim in range(stacked.dim())]
+    return stacked.permute(order).index_select(0, index).permute(inverse)
+
+
+def _grouped_local_response_norm(h: torch.Tensor, groups: int, lrn: nn.LocalResponseNorm) -> torch.Tensor:
+    """torch's F.local_response_norm within each of `groups` channel groups: (B, G*C, H, W) -> (B, G*C, H, W).
+
+    torch's own would window across the whole channel dim, mixing neighbouring members' channels at the
+    group boundaries. The same arithmetic as torch's: the mean of `size` squares with zero padding counted.
+    """
+    batch, channels, height, width = h.shape
+    squares = h.mul(h).view(batch, groups, channels // groups, height, width)  # (B, G, C, H, W)
+    squares = F.pad(squares, (0, 0, 0, 0, lrn.size // 2, (lrn.size - 1) // 2))  # (B, G, C + size - 1, H, W)
+    mean = F.avg_pool3d(squares, (lrn.size, 1, 1), stride=1).reshape(batch, channels, height, width)
+    return h / mean.mul(lrn.alpha).add(lrn.k).pow(lrn.beta)
+
+
+class AlexNetStack:
+    """K AlexNets of one shape run as one fused net (HFTA: Wang et al., MLSys 2021): each convolution one grouped
+    convolution (groups=K, channels-last), each dense layer one batched matmul over stacked weights.
+
+    A plain object, not an nn.Module: nothing of it enters a state dict. It moves each parameter of the members
+    into one stacked leaf ``stacked[name]`` of shape (K, *member_shape) and gives each member back a parameter
+    that is a view of its row: the members keep their names, shapes, strides and values, and whatever writes a
+    member's parameter in place (an optimizer step, load_state_dict) writes the stack. Build it once the members
+    are on their device and in their memory format (``.to()`` afterwards would break the sharing), and build
+    the optimizer after it, over the members' parameters, e.g. one param group per member::
+
+        optimizer = torch.optim.Adam([{"params": net.parameters(), "lr": lr} for net, lr in zip(nets, lrs)])
+        loss = sum(F.cross_entropy(logits, y) for logits, y in zip(stack.forward(x), ys)); loss.backward()
+        stack.member_grads(active); optimizer.step(); optimizer.zero_grad(); stack.zero_grad()
+
+    Each member then steps exactly on its own gradient with its own settings. A member marked inactive gets
+    grad None, which torch's optimizers (Adam, AdamW, SGD, ...) skip: its weights and its optimizer state,
+    Adam's step count included, stay as they were.
+
+    torch.save of a member's own state_dict() writes the views' whole storage, all K members (K x the bytes):
+    save :meth:`member_state` (clones) instead.
+    """
+
+    def __init__(self, nets: Sequence[AlexNet]) -> None:
+        if not nets:
+            raise ValueError("an AlexNetStack needs at least one AlexNet")
+        first = nets[0]
+        named = list(first.named_parameters())
+        for index, net in enumerate(nets[1:], start=1):
+            differences = [
+                f"{field.name} {getattr(first.config, field.name)!r} != {getattr(net.config, field.name)!r}"
+                for field in fields(first.config)
+                if field.name != "dropout" and getattr(first.config, field.name) != getattr(net.config, field.name)
+            ]
+            if not differences:  # one config, one set of names; the memory format, dtype or device may still differ
+                layouts = [  # (name, (shape, strides, dtype, device) of member 0's, of this member's)
+                    (name, *((p.shape, p.stride(), p.dtype, p.device) for p in (ours, theirs)))
+                    for (name, ours), theirs in zip(named, net.parameters(), strict=True)
+                ]
+                differences = [f"{name} {ours} != {theirs}" for name, ours, theirs in layouts if ours != theirs][:1]
+            if differences:
+                raise ValueError(f"AlexNetStack: member {index} differs from member 0 in {'; '.join(differences)}")
+        self.members = list(nets)
+        self.stacked: dict[str, nn.Parameter] = {}
+        for name, param in named:
+            if not (param.is_contiguous() or param.is_contiguous(memory_format=torch.channels_last)):
+                raise ValueError(f"AlexNetStack: {name} is neither contiguous nor channels-last")
+            # Row k holds member k with the member's own strides; rows are numel apart, so a conv weight
+            # (K, out, in, kh, kw) reshapes to (K*out, in, kh, kw) without a copy, in the members' format.
+            storage = torch.empty_strided(
+                (len(nets), *param.shape), (param.numel(), *param.stride()), dtype=param.dtype, device=param.device
+            )
+            with torch.no_grad():
+                for k, net in enumerate(nets):
+                    storage[k].copy_(net.get_parameter(name))
+            stacked = self.stacked[name] = nn.Parameter(storage, requires_grad=param.requires_grad)
+            owner, _, leaf = name.rpartition(".")
+            for k, net in enumerate(nets):
+                setattr(net.get_submodule(owner), leaf, nn.Parameter(stacked.detach()[k], param.requires_grad))
+        # p of each member's dropout layers, by classifier layer name: (K,) each
+        self._dropout_p = {
+            name: [float(getattr(net.classifier, name).p) for net in nets]
+            for name, module in first.classifier.named_children()
+            if isinstance(module, nn.Dropout)
+        }
+
+    @property
+    def training(self) -> bool:
+        """The members' mode (dropout on): whoever trains them (a LightningModule's train/eval) sets it."""
+        return self.members[0].training
+
+    def train(self, mode: bool = True) -> AlexNetStack:
+        """Training mode (dropout on) for the fused forward and for every member, as nn.Module.train."""
+        for net in self.members:
+            net.train(mode)
+        return self
+
+    def eval(self) -> AlexNetStack:
+        return self.train(False)
+
+    def forward(
+        self, x: torch.Tensor, dropout: DropoutFn | None = None, members: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """x: (K', B, C, S, S) float, row j member ``members[j]``'s batch (all K members by default) -> logits
+        (K', B, num_classes), fused. ``dropout`` applies member k's dropout to its (B, F) slice in training mode
+        (default: torch's global stream, layer by layer, so not the draws of :meth:`in_turn`)."""
+        ids = self._ids(members)
+        if x.shape[0] != len(ids):
+            raise ValueError(f"AlexNetStack.forward: x has {x.shape[0]} rows for {len(ids)} members")
+        if ids == list(range(len(self.members))):
+            weights: dict[str, torch.Tensor] = dict(self.stacked)
+        else:  # the subset's rows; autograd scatters their gradients back into those rows of the stack only
+            index = torch.tensor(ids, device=x.device)
+            weights = {name: _select_rows(stacked, index) for name, stacked in self.stacked.items()}
+        count, batch = x.shape[:2]
+        h = self.grouped_images(x)  # (B, K'*C, S, S) channels-last
+        first = self.members[0]
+        for name, module in [*first.features.named_children(), ("avgpool", first.avgpool)]:
+            h = self._image_layer(module, weights, f"features.{name}", h, count)
+        # (B, K'*C, h, w) -> (K', B, C*h*w) in each member's own flatten order (C, h, w), one copy
+        h = h.reshape(batch, count, -1, *h.shape[2:]).transpose(0, 1).reshape(count, batch, -1)
+        for name, module in first.classifier.named_children():
+            prefix = f"classifier.{name}"
+            if isinstance(module, nn.Linear):
+                bias, weight = weights[f"{prefix}.bias"], weights[f"{prefix}.weight"]  # (K', out), (K', out, in)
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))  # (K', B, out)
+            elif isinstance(module, nn.ReLU):
+                h = F.relu(h, inplace=module.inplace)
+            elif isinstance(module, nn.Dropout):
+                h = self._dropout(h, ids, self._dropout_p[name], dropout or _default_dropout)
+            else:
+                raise TypeError(f"AlexNetStack cannot fuse {prefix}: {type(module).__name__}")
+        return h
+
+    @staticmethod
+    def grouped_images(x: torch.Tensor) -> torch.Tensor:
+        """(K', B, C, H, W) -> (B, K'*C, H, W) channels-last, member k's channels the k-th group: one copy."""
+        count, batch, channels, height, width = x.shape
+        # (B, H, W, K', C) merged to (B, H, W, K'*C) copies, except where C == 1 makes it a view of x in
+        # neither format: the conv then ran as NCHW, whose grouped backward took 30x as long at 256 px
+        h = x.permute(1, 3, 4, 0, 2).reshape(batch, height, width, count * channels).permute(0, 3, 1, 2)
+        return h.contiguous(memory_format=torch.channels_last)  # a no-op where the reshape copied
+
+    def _image_layer(
+        self, module: nn.Module, weights: dict[str, torch.Tensor], prefix: str, h: torch.Tensor, count: int
+    ) -> torch.Tensor:
+        """One layer of `features` or the average pool on (B, K'*C, H, W) channels-last, members as channel groups."""
+        if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+            weight, bias = weights[f"{prefix}.weight"], weights.get(f"{prefix}.bias")  # (K', out, in, kh, kw)
+            grouped = weight.reshape(-1, *weight.shape[2:])  # (K'*out, in, kh, kw): a view, channels-last
+            flat_bias = None if bias is None else bias.reshape(-1)  # (K'*out,)
+            padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+            return F.conv2d(h, grouped, flat_bias, module.stride, padding, module.dilation, count * module.groups)
+        if isinstance(module, nn.ReLU):
+            return F.relu(h, inplace=module.inplace)
+        if isinstance(module, nn.LocalResponseNorm):
+            return _grouped_local_response_norm(h, count, module)
+        if isinstance(module, nn.MaxPool2d):
+            return F.max_pool2d(h, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            return F.adaptive_avg_pool2d(h, module.output_size)
+        raise TypeError(f"AlexNetStack cannot fuse {prefix}: {type(module).__name__}")
+
+    def _dropout(self, h: torch.Tensor, ids: list[int], p: list[float], draw: DropoutFn) -> torch.Tensor:
+        """Each member's dropout on its own (B, F) slice of h (K', B, F), as its nn.Dropout would draw it;
+        a member with p == 0 draws nothing."""
+        if not self.training or not any(p[k] > 0 for k in ids):
+            return h
+        rows = list(h.unbind(0))  # K' x (B, F)
+        for row, k in enumerate(ids):
+            if p[k] > 0:
+                rows[row] = draw(k, rows[row], p[k])
+        return torch.stack(rows)
+
+    def in_turn(
+        self, x: torch.Tensor, dropout: DropoutFn | None = None, members: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The reference for :meth:`forward`, same contract: each member's own forward on its (B, C, S, S) slice
+        (channels-last) in turn. With ``dropout``, member k's nn.Dropout layers draw through it instead."""
+        logits = []
+        for row, k in enumerate(self._ids(members)):
+            net, image = self.members[k], x[row].contiguous(memory_format=torch.channels_last)
+            if dropout is None:
+                logits.append(net(image))
+                continue
+            h = torch.flatten(net.avgpool(net.features(image)), start_dim=1)  # (B, F), as AlexNet.forward
+            for name, module in net.classifier.named_children():
+                if isinstance(module, nn.Dropout):
+                    h = dropout(k, h, self._dropout_p[name][k]) if module.training and module.p > 0 else h
+                else:
+                    h = module(h)
+            logits.append(h)
+        return torch.stack(logits)  # (K', B, num_classes)
+
+    def _ids(self, members: Sequence[int] | None) -> list[int]:
+        ids = list(range(len(self.members))) if members is None else list(members)
+        if len(set(ids)) != len(ids) or not all(0 <= k < len(self.members) for k in ids):
+            raise ValueError(f"AlexNetStack: members {ids} are not distinct indices below {len(self.members)}")
+        return ids
+
+    def member_grads(self, active: Sequence[bool]) -> None:
+        """After a fused backward: each active member's parameter grads := views of its rows of the stacked
+        grads (kept as they are where the stack has none, e.g. after an in_turn backward); inactive: None."""
+        if len(active) != len(self.members):
+            raise ValueError(f"AlexNetStack.member_grads: {len(active)} flags for {len(self.members)} members")
+        for name, stacked in self.stacked.items():
+            for k, net in enumerate(self.members):
+                param = net.get_parameter(name)
+                if not active[k]:
+                    param.grad = None
+                elif stacked.grad is not None:
+                    param.grad = stacked.grad[k]
+
+    def zero_grad(self) -> None:
+        """Drops the stacked grads (the members' own grads are their optimizer's to zero)."""
+        for stacked in self.stacked.values():
+            stacked.grad = None
+
+    def member_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k alone: an ordinary AlexNet state dict, cloned (same strides), sharing nothing with the stack."""
+        return {name: tensor.clone() for name, tensor in self.members[k].state_dict().items()}
+
+    def load_member(self, k: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copies an AlexNet state dict into member k's row of the stack, in place (strict, as load_state_dict)."""
+        self.members[k].load_state_dict(state_dict)
