@@ -133,9 +133,12 @@ class AlexNetClassifier(pl.LightningModule):
         logits: torch.Tensor = self.net(images.to(self.dtype).contiguous(memory_format=torch.channels_last))
         return logits
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], key: str, logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and metrics of a batch; ``logits``: the net's output on it where it was computed elsewhere (a pack)."""
         images, labels = batch
-        logits = self.forward(images)
+        logits = self.forward(images) if logits is None else logits
         loss = F.cross_entropy(logits, labels)
         confusion, mean_loss = self._metrics(key)
         confusion.update(logits.argmax(dim=1), labels)
@@ -144,14 +147,21 @@ class AlexNetClassifier(pl.LightningModule):
         mean_loss.update(loss.detach().expand(labels.shape[0]))
         return loss, logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "fit")[0]
+    # each step's ``logits``: the net's output on the batch where a packed model computed it (alexnet_lab/packed.py)
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._step(batch, "fit", logits)[0]
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")[1]
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._step(batch, "val", logits)[1]
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self._step(batch, "test")[1]
+    def test_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        logits = self._step(batch, "test", logits)[1]
         self._test_batches.append((batch[1].detach(), logits.detach().argmax(dim=1)))  # on the device: no sync
         return logits
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.trainer.states import TrainerStatus
@@ -47,7 +48,7 @@ from alexnet_lab.data.sampling import EpochBatchSampler, epoch_seed
 from alexnet_lab.errors import LabError, one_line
 from alexnet_lab.identity import finished_metrics, record_failure
 from alexnet_lab.inference import load_weights
-from alexnet_lab.model import AlexNet, AlexNetConfig, count_parameters, to_float
+from alexnet_lab.model import AlexNet, AlexNetConfig, AlexNetStack, count_parameters, to_float
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
 from alexnet_lab.packing import Pack, PackJob, read_pack
 from alexnet_lab.train import (
@@ -237,7 +238,10 @@ class Member:
         return {
             **{key: pack_checkpoint[key] for key in ("epoch", "pytorch-lightning_version", "loops")},
             "global_step": self.steps,
-            "state_dict": {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)},
+            # cloned: each member's weights are a view of the pack's stacked storage, which torch.save writes whole
+            "state_dict": {
+                name[len(prefix) :]: value.clone() for name, value in state.items() if name.startswith(prefix)
+            },
             "optimizer_states": [optimizer_slice(pack_checkpoint["optimizer_states"][0], self.index)],
             "lr_schedulers": [],
             "callbacks": {"RunState": {"history": list(self.module.history)}},
@@ -272,13 +276,22 @@ def optimizer_merge(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PackedClassifier(pl.LightningModule):
-    """K AlexNetClassifiers trained as one: a training step runs each member on its own batch (see the module doc)."""
+    """K AlexNetClassifiers trained as one: a training step runs each member on its own batch (see the module doc).
 
-    def __init__(self, members: Sequence[Member], pack: dict[str, Any], data: PackedData) -> None:
+    ``form``: ``fused``, the members as one :class:`~alexnet_lab.model.AlexNetStack` (one grouped
+    convolution and one batched matmul per layer for all of them), or ``in_turn``, each member's own
+    net one after another. Either way the members' parameters are views of the stack's rows, and one
+    optimizer with a parameter group per member steps them.
+    """
+
+    def __init__(
+        self, members: Sequence[Member], pack: dict[str, Any], data: PackedData, form: str = "in_turn"
+    ) -> None:
         super().__init__()
-        self.members, self.data = list(members), data
+        self.members, self.data, self.form = list(members), data, form
         self.nets = nn.ModuleList([member.module for member in members])
         self.pack = pack  # where the members trained: id and size, into their checkpoints
+        self.stack: AlexNetStack | None = None  # built on the device, before the optimizer (configure_optimizers)
         self._stepped: set[int] = set()  # members with a batch since the last optimizer step
         self._epoch_started = 0.0
 
@@ -286,6 +299,8 @@ class PackedClassifier(pl.LightningModule):
         return [member for member in self.members if member.stopped is None]
 
     def configure_optimizers(self) -> Any:
+        # the members' nets are on the device now: their parameters become views of one stack there
+        self.stack = AlexNetStack([member.module.net for member in self.members])
         # one parameter group per member: its own learning rate (and the other arguments of its optim)
         groups = [{"params": list(m.module.parameters()), **m.module.optimizer_arguments()} for m in self.members]
         optimizer: Any = optimizer_class(self.members[0].lab.optim.name)  # its defaults: every group sets its own
@@ -310,24 +325,55 @@ class PackedClassifier(pl.LightningModule):
                     member.rng.append(torch.cuda.get_rng_state(self.device))
 
     def training_step(self, batch: list[Any], batch_idx: int) -> torch.Tensor:
-        """Each member's forward and backward in turn, on its own batch; the optimizer then steps once for all.
+        """The active members' forward and backward, on their own batches; the optimizer then steps once for all.
 
-        Each member's backward right after its forward frees its activations before the next one's:
-        at 256 px that was 2-3 % faster than one backward over the sum of the losses, at 64 px the
-        same (the same gradients: each member's parameters get its own loss's). Lightning backs up
-        the last member's loss itself, the others in :meth:`_backward`.
+        In turn, each member's backward comes right after its forward, freeing its activations before
+        the next one's (at 256 px 2-3 % faster than one backward over the sum of the losses). Fused,
+        members whose batches are of one size run as one net, and back up together. Lightning backs up
+        the last loss itself, the others in :meth:`_backward`. A member that stopped gets no batch.
         """
         if batch_idx % self.trainer.accumulate_grad_batches == 0:  # see optimizer_zero_grad
             self.trainer.optimizers[0].zero_grad()
+            assert self.stack is not None
+            self.stack.zero_grad()
         parts = zip(self.members, batch, strict=True)
         active = [(member, part) for member, part in parts if part is not None and member.stopped is None]
-        for number, (member, part) in enumerate(active):
-            with self._random_state(member):
-                loss = member.module.training_step(part, batch_idx)
-            self._stepped.add(member.index)
-            if number < len(active) - 1:
-                self._backward(loss)
-        return loss
+        self._stepped.update(member.index for member, _ in active)
+        losses: list[torch.Tensor] = []
+        if self.form == "fused":
+            for size in sorted({len(part[1]) for _, part in active}, reverse=True):  # an epoch's last batch is short
+                losses.append(self._fused("training_step", [(m, p) for m, p in active if len(p[1]) == size], batch_idx))
+        else:
+            for member, part in active:
+                with self._random_state(member):
+                    losses.append(member.module.training_step(part, batch_idx))
+        for loss in losses[:-1]:
+            self._backward(loss)
+        return losses[-1]
+
+    def _fused(self, hook: str, members: Sequence[tuple[Member, Any]], batch_idx: int) -> Any:
+        """The members' logits from one fused forward, each member's ``hook`` on its batch and logits.
+
+        Training: the sum of their losses (each member's gradient is its own loss's); else each one's logits.
+        """
+        assert self.stack is not None
+        images = torch.stack([to_float(p[0]) if p[0].dtype == torch.uint8 else p[0] for _, p in members])
+        logits = self.stack.forward(  # (K', B, num_classes)
+            images.to(self.members[0].module.dtype), self._dropout, [member.index for member, _ in members]
+        )
+        outputs = [getattr(m.module, hook)(part, batch_idx, logits=logits[j]) for j, (m, part) in enumerate(members)]
+        return torch.stack(outputs).sum() if hook == "training_step" else outputs
+
+    def _dropout(self, index: int, h: torch.Tensor, p: float) -> torch.Tensor:
+        """Member ``index``'s dropout inside the fused forward: drawn from its own stream, as its net alone draws."""
+        with self._random_state(self.members[index]):
+            return F.dropout(h, p, training=True)
+
+    def on_after_backward(self) -> None:
+        """The fused backward's gradients to the members that had a batch; the others get none (their optimizer
+        state and weights stay as they are)."""
+        assert self.stack is not None
+        self.stack.member_grads([member.index in self._stepped for member in self.members])
 
     def _backward(self, loss: torch.Tensor) -> None:
         """A member's backward inside the step, as Lightning's own: over the accumulated batches, scaled under
@@ -375,9 +421,15 @@ class PackedClassifier(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         # {"logits": per member (None: stopped)}, for its own callbacks
-        return {
-            "logits": [m.module.validation_step(batch, batch_idx) if m.stopped is None else None for m in self.members]
-        }
+        return {"logits": self._shared("validation_step", batch, batch_idx, self.active())}
+
+    def _shared(self, hook: str, batch: Any, batch_idx: int, members: Sequence[Member]) -> list[Any]:
+        """Each member's ``hook`` on one batch that all share (validation, test); None for those not given."""
+        given = {member.index for member in members}
+        if self.form == "fused" and members:
+            outputs = iter(self._fused(hook, [(member, batch) for member in members], batch_idx))
+            return [next(outputs) if member.index in given else None for member in self.members]
+        return [getattr(m.module, hook)(batch, batch_idx) if m.index in given else None for m in self.members]
 
     def on_validation_epoch_end(self) -> None:
         for member in self.active():
@@ -433,7 +485,7 @@ class PackedClassifier(pl.LightningModule):
             member.module.on_test_epoch_start()
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return {"logits": [member.module.test_step(batch, batch_idx) for member in self.members]}
+        return {"logits": self._shared("test_step", batch, batch_idx, self.members)}
 
     def on_test_epoch_end(self) -> None:
         for member in self.members:
@@ -626,7 +678,7 @@ def _train_members(
         by_epoch = sorted(members, key=lambda m: m.resumed["epoch"] if m.resumed else -1)
         for _, group in groupby(by_epoch, key=lambda m: m.resumed["epoch"] if m.resumed else -1):
             for part in fitting(list(group), datamodule):
-                results.update(fit_members(part, datamodule, pack_dir))
+                results.update(fit_members(part, datamodule, pack_dir, pack.form))
     return results
 
 
@@ -682,6 +734,50 @@ def member_bytes(member: Member, datamodule: PackedData) -> int:
     return state + 4 * 3 * sum(outputs)  # activations kept for backward, their gradients, the kernels' slack
 
 
+#: Timed steps of each form before a pack trains with hydra.sweeper.form=auto, after one untimed step of each.
+FORM_STEPS = 3
+
+
+def time_forms(
+    members: Sequence[Member], datamodule: PackedData, trainer: pl.Trainer, steps: int = FORM_STEPS
+) -> float:
+    """How fast a fused training step of these members is against one in turn, on the pack's device: time in turn
+    / time fused, each the median of ``steps`` forward and backward passes, interleaved.
+
+    Fresh nets of the members' shapes and dropout (their own weights untouched), one batch of random
+    images a member, the trainer's precision; the random numbers the run draws are left as they were.
+    """
+    device, data = trainer.strategy.root_device, datamodule.data
+    classes = len(members[0].module.hparams["classes"])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        nets = [
+            AlexNet(AlexNetConfig(**m.module.hparams["model"], in_channels=datamodule.in_channels, num_classes=classes))
+            for m in members
+        ]
+        # as the members' modules lay them out (torch's type stubs lack Module.to's memory_format)
+        nets = [net.to(device).to(memory_format=torch.channels_last) for net in nets]  # type: ignore[call-overload]
+        stack = AlexNetStack(nets)
+        images = torch.rand(len(nets), data.batch_size, datamodule.in_channels, data.image_size, data.image_size)
+        images, labels = images.to(device), torch.randint(0, classes, (len(nets), data.batch_size), device=device)
+        forms = {"fused": stack.forward, "in_turn": stack.in_turn}
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        for round_ in range(steps + 1):  # the first round warms up
+            for name in sorted(forms, reverse=bool(round_ % 2)):  # each form first every other round
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                with trainer.precision_plugin.forward_context():
+                    loss = F.cross_entropy(forms[name](images).flatten(0, 1).float(), labels.flatten())
+                torch.autograd.backward(loss)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - start)
+                stack.zero_grad()
+                for net in nets:
+                    net.zero_grad(set_to_none=True)
+    return float(np.median(times["in_turn"][1:]) / np.median(times["fused"][1:]))
+
+
 def fitting(members: list[Member], datamodule: PackedData) -> list[list[Member]]:
     """The members in parts that fit the GPU's free memory at once (by :func:`member_bytes`); one part on a CPU."""
     device = (
@@ -707,16 +803,27 @@ def fitting(members: list[Member], datamodule: PackedData) -> list[list[Member]]
     return [members[start : start + fits] for start in range(0, len(members), fits)]
 
 
-def fit_members(members: list[Member], datamodule: PackedData, pack_dir: Path) -> dict[int, dict[str, Any]]:
-    """One Lightning run of these members (continuing from their last.ckpt where they have one), tested, recorded."""
+def fit_members(
+    members: list[Member], datamodule: PackedData, pack_dir: Path, form: str = "auto"
+) -> dict[int, dict[str, Any]]:
+    """One Lightning run of these members (continuing from their last.ckpt where they have one), tested, recorded.
+
+    ``form``: fused, in_turn, or auto (whichever :func:`time_forms` finds faster on the pack's device).
+    """
     started = time.perf_counter()
     for index, member in enumerate(members):  # their positions in this run's module and optimizer
         member.index = index
+    epochs_before = [len(member.module.history) for member in members]  # a resumed member's earlier epochs
     datamodule.use([(member.lab.data, member.lab.seed) for member in members])
-    where = {"id": pack_dir.name, "dir": str(pack_dir), "size": len(members)}
-    module = PackedClassifier(members, where, datamodule)
     shared = members[0].lab
     trainer = lab_trainer(shared, pack_dir, [MemberCallbacks(members)], [], enable_checkpointing=False)
+    ratio = time_forms(members, datamodule, trainer) if form == "auto" and len(members) > 1 else None
+    if ratio is not None:
+        form = "fused" if ratio > 1 else "in_turn"
+        log.info("pack form: %s (a fused step %.2fx the speed of one in turn here, timed)", form, ratio)
+    form = "in_turn" if form == "auto" else form  # a part of one member: nothing to fuse
+    where = {"id": pack_dir.name, "dir": str(pack_dir), "size": len(members), "form": form, "form_ratio": ratio}
+    module = PackedClassifier(members, where, datamodule, form)
     resume_from = None
     if members[0].resumed is not None:  # one checkpoint of the pack, put together from the members' own
         resume_from = pack_dir / "resume.ckpt"
@@ -758,7 +865,10 @@ def fit_members(members: list[Member], datamodule: PackedData, pack_dir: Path) -
         resume_from.unlink(missing_ok=True)
     results = {}
     wall_s = round(time.perf_counter() - started, 2)
-    for member in members:
+    # each member's share of the pack's time, by the epochs it trained in it (one that stopped early costs less)
+    trained = [len(m.module.history) - before for m, before in zip(members, epochs_before, strict=True)]
+    shares = [epochs / sum(trained) if sum(trained) else 1 / len(members) for epochs in trained]
+    for member, share in zip(members, shares, strict=True):
         test = {name: float(value) for name, value in member.module.epoch_values("test", "test").items()}
         fingerprint = datamodule.preprocessing["data_fingerprint"]
         metrics = run_metrics(
@@ -771,10 +881,10 @@ def fit_members(members: list[Member], datamodule: PackedData, pack_dir: Path) -
             diverged=member.stopped == "diverged",
         )
         metrics.update(
-            wall_s=wall_s,
+            wall_s=round(wall_s * share, 2),
             best_checkpoint=member.best_path,
             overrides=list(member.job.overrides),
-            pack={**where, "member": member.index},
+            pack={**where, "member": member.index, "wall_s": wall_s},
         )
         finish(member.run_dir, member.loggers, member.steps, member.job.config, metrics, extra=member.extra)
         results[member.job.job] = outcome(metrics)

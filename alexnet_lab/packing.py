@@ -67,6 +67,13 @@ PACK_CALLBACKS = (
 )
 
 
+#: How a pack's training step runs its members (hydra.sweeper.form): ``fused`` as one stacked net
+#: (alexnet_lab.model.AlexNetStack: grouped convolutions, batched matmuls), ``in_turn`` each member's own
+#: net one after another (bit for bit the run alone, on a CPU), ``auto`` whichever a few timed steps of
+#: each on the device at hand say is faster.
+FORMS = ("auto", "fused", "in_turn")
+
+
 @dataclass
 class PackJob:
     """One job of the sweep as the pack sees it: Hydra's job number, its run dir, overrides and resolved config."""
@@ -86,9 +93,11 @@ class Pack:
     max_size: int = 0  # the limit the plan was made with (named by an out-of-memory error)
     differs: list[str] = field(default_factory=list)  # what tells this pack's settings from the first pack's
     group: int = 0  # packs of one group share every setting: a group larger than max_size is split
+    form: str = "auto"  # one of FORMS
 
     def to_json(self) -> dict[str, Any]:
-        return {"jobs": [asdict(job) for job in self.jobs], "alone": self.alone, "max_size": self.max_size}
+        jobs = [asdict(job) for job in self.jobs]
+        return {"jobs": jobs, "alone": self.alone, "max_size": self.max_size, "form": self.form}
 
 
 def may_differ(key: str) -> bool:
@@ -116,7 +125,7 @@ def alone_reason(config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def plan(jobs: Sequence[PackJob], max_size: int) -> list[Pack]:
+def plan(jobs: Sequence[PackJob], max_size: int, form: str = "auto") -> list[Pack]:
     """The sweep's jobs as packs, in the order of their first job: one pack per shared key, split to ``max_size``.
 
     A group larger than ``max_size`` becomes packs of near-equal size (20 at 16: 10 and 10).
@@ -138,12 +147,13 @@ def plan(jobs: Sequence[PackJob], max_size: int) -> list[Pack]:
     first = next(iter(keys.values()), {})
     for group, (text, members) in enumerate(groups.items()):
         if text in alone:
-            packs.append(Pack(members, alone=alone[text], max_size=max_size, group=group))
+            packs.append(Pack(members, alone=alone[text], max_size=max_size, group=group, form=form))
             continue
         size = math.ceil(len(members) / math.ceil(len(members) / max_size))
         differs = key_differences(first, keys[text])
         for start in range(0, len(members), size):
-            packs.append(Pack(members[start : start + size], max_size=max_size, differs=differs, group=group))
+            pack = Pack(members[start : start + size], max_size=max_size, differs=differs, group=group, form=form)
+            packs.append(pack)
     return packs
 
 
@@ -173,7 +183,9 @@ def job_numbers(jobs: Sequence[PackJob]) -> str:
 def describe(packs: Sequence[Pack], max_size: int) -> list[str]:
     """The plan as lines: which jobs went into which pack, what varies inside it, why packs are apart."""
     jobs = sum(len(pack.jobs) for pack in packs)
-    lines = [f"packed sweep: {jobs} jobs in {len(packs)} packs (at most {max_size} members a pack)"]
+    form = packs[0].form if packs else "auto"
+    how = "each pack times fused against in turn, then trains the faster" if form == "auto" else form.replace("_", " ")
+    lines = [f"packed sweep: {jobs} jobs in {len(packs)} packs (at most {max_size} members a pack; {how})"]
     base = next((index for index, pack in enumerate(packs) if pack.alone is None), 0)  # the settings compared with
     for index, pack in enumerate(packs):
         head = f"  pack {index}: {len(pack.jobs)} job{'s' * (len(pack.jobs) != 1)} ({job_numbers(pack.jobs)})"
@@ -215,4 +227,5 @@ def read_pack(path: Any) -> Pack:
         raise ConfigError(
             f"pack={path}: not a pack file ({type(err).__name__}); hydra/sweeper=packed writes them"
         ) from None
-    return Pack([PackJob(**job) for job in data["jobs"]], alone=data["alone"], max_size=int(data["max_size"]))
+    jobs = [PackJob(**job) for job in data["jobs"]]
+    return Pack(jobs, alone=data["alone"], max_size=int(data["max_size"]), form=str(data.get("form", "auto")))

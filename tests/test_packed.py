@@ -8,6 +8,7 @@ overrides and resolved config) and train it with ``train_pack``; the command tes
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -21,13 +22,14 @@ import torch
 from conftest import ROOT, compose_config, run_in_process, run_train, tiny_overrides
 from omegaconf import OmegaConf
 
-from alexnet_lab.config import DataConfig, load
+from alexnet_lab import packed
+from alexnet_lab.config import DataConfig, LabConfig, load
 from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.data.sampling import epoch_order
 from alexnet_lab.module import AlexNetClassifier
 from alexnet_lab.packed import optimizer_merge, optimizer_slice, train_pack
-from alexnet_lab.packing import Pack, PackJob, alone_reason, describe, pack_key, plan, write_pack
-from alexnet_lab.train import train
+from alexnet_lab.packing import Pack, PackJob, alone_reason, describe, pack_key, plan, read_pack, write_pack
+from alexnet_lab.train import lab_trainer, train
 
 #: val and test of different sizes (cat 18, dog 12: val 4 + 2, test 2 + 1), so a loader that served
 #: the wrong split would show
@@ -38,14 +40,17 @@ def overrides_of(tmp_path: Path, variant: list[str], epochs: int = 2) -> list[st
     return [*tiny_overrides(tmp_path, epochs=epochs), *SPLITS, *variant]
 
 
-def pack_file(tmp_path: Path, variants: list[list[str]], name: str, epochs: int = 2) -> Path:
-    """A pack of one job per variant, written as the packed sweeper writes it; run dirs in tmp_path/name."""
+def pack_file(tmp_path: Path, variants: list[list[str]], name: str, epochs: int = 2, form: str = "in_turn") -> Path:
+    """A pack of one job per variant, written as the packed sweeper writes it; run dirs in tmp_path/name.
+
+    ``form`` in_turn by default: bit for bit the runs alone, which most tests compare with.
+    """
     jobs = []
     for number, variant in enumerate(variants):
         overrides = overrides_of(tmp_path, variant, epochs)
         config = OmegaConf.to_container(compose_config(*overrides), resolve=True)
         jobs.append(PackJob(number, str(tmp_path / name / f"{number}_run"), overrides, config))
-    return write_pack(Pack(jobs, max_size=16), tmp_path / name / "packs" / "0" / "pack.json")
+    return write_pack(Pack(jobs, max_size=16, form=form), tmp_path / name / "packs" / "0" / "pack.json")
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -63,8 +68,8 @@ def seen(monkeypatch):
     batches: dict[int, dict[str, list]] = {}
     original = AlexNetClassifier._step
 
-    def step(self, batch, key):
-        loss, logits = original(self, batch, key)
+    def step(self, batch, key, logits=None):
+        loss, logits = original(self, batch, key, logits)
         batches.setdefault(id(self), {}).setdefault(key, []).append((batch[0].detach().clone(), float(loss.detach())))
         return loss, logits
 
@@ -112,6 +117,118 @@ def test_members_learn_exactly_what_they_learn_alone_and_see_only_their_splits(t
         assert fit[: len(order)] == order.tolist()
         assert indices(packed[number]["val"]) == dm.val_idx.tolist() * 2  # after each of the two epochs
         assert indices(packed[number]["test"]) == dm.test_idx.tolist()
+
+
+def test_fused_members_learn_what_they_learn_alone_within_float_tolerance(tmp_path, seen):
+    # dropout (each member's own masks), augmentation, balancing, another rate: all in one fused pack
+    variants = [["seed=0", "model.dropout=0.5"], ["seed=1", "data.balance=true", "data.augment=true"], ["seed=2"]]
+    variants[2].append("optim.lr=0.003")
+    train_pack(pack_file(tmp_path, variants, "fused", form="fused"))
+    fused = [seen[key]["fit"] for key in list(seen)]
+    seen.clear()
+    for number, variant in enumerate(variants):
+        overrides = overrides_of(tmp_path, variant)
+        train(compose_config(*overrides), tmp_path / "alone" / str(number), overrides)
+        alone = seen.pop(next(iter(seen)))["fit"]
+        steps = len(alone) // 2  # the first epoch's steps
+        np.testing.assert_allclose(
+            [loss for _, loss in fused[number][:steps]], [loss for _, loss in alone[:steps]], rtol=1e-4
+        )
+        got, expected = (read_metrics(tmp_path / name) for name in (f"fused/{number}_run", f"alone/{number}"))
+        assert got["pack"]["form"] == "fused" and got["verdicts"] == expected["verdicts"]
+        assert got["test_set"]["pred"] == expected["test_set"]["pred"]  # the same test predictions
+        for row, other in zip(got["history"], expected["history"], strict=True):
+            assert row["train/loss"] == pytest.approx(other["train/loss"], rel=1e-4)
+            assert row["val/acc"] == pytest.approx(other["val/acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["in_turn", "fused"])
+def test_a_stopped_member_is_never_trained_again(tmp_path, monkeypatch, form):
+    # member 0 diverges with a finite loss (its own divergence.max_train_loss), member 1 stops early at epoch 1,
+    # member 2 trains all 4 epochs: the stopped ones' weights, optimizer state and steps stay as they stopped
+    early = ["callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=0"]
+    variants = [
+        ["seed=0", "divergence.max_train_loss=0.1", *early, "callbacks.early_stopping.min_delta=-100"],
+        ["seed=1", *early, "callbacks.early_stopping.min_delta=100"],  # no epoch improves by 100: stops at 1
+        ["seed=2", *early, "callbacks.early_stopping.min_delta=-100"],  # every epoch "improves"
+    ]
+    kept = {}
+    original = packed.PackedClassifier.on_train_end
+
+    def on_train_end(self):
+        state = self.trainer.optimizers[0].state_dict()
+        for member in self.members:
+            weights = {k: v.clone() for k, v in member.module.state_dict().items()}
+            kept[member.index] = (weights, optimizer_slice(state, member.index), member.steps)
+        original(self)
+
+    monkeypatch.setattr(packed.PackedClassifier, "on_train_end", on_train_end)
+    train_pack(pack_file(tmp_path, variants, "pack", epochs=4, form=form))
+    runs = [read_metrics(tmp_path / "pack" / f"{n}_run") for n in range(3)]
+    assert [(r["status"], r["epochs"]) for r in runs] == [("diverged", 1), ("ok", 2), ("ok", 4)]
+    assert math.isfinite(runs[0]["history"][0]["train/loss"])  # a finite loss above its threshold
+    for number in (0, 1):
+        last = torch.load(tmp_path / "pack" / f"{number}_run" / "checkpoints" / "last.ckpt", weights_only=True)
+        weights, optimizer, steps = kept[number]
+        assert last["global_step"] == steps and last["epoch"] == runs[number]["epochs"] - 1
+        assert all(torch.equal(weights[k], v) for k, v in last["state_dict"].items()), f"member {number} trained on"
+        saved = last["optimizer_states"][0]["state"]
+        assert saved.keys() == optimizer["state"].keys()
+        for index, entry in saved.items():
+            assert all(
+                torch.equal(torch.as_tensor(v), torch.as_tensor(optimizer["state"][index][k])) for k, v in entry.items()
+            )
+    assert kept[2][2] > kept[1][2] > kept[0][2]  # the one that trained on took more steps
+    # each member's wall time is its share of the pack's, by the epochs it trained (1, 2, 4 of 7)
+    pack_wall = runs[0]["pack"]["wall_s"]
+    assert all(r["pack"]["wall_s"] == pack_wall for r in runs) and pack_wall > 0
+    assert [r["wall_s"] for r in runs] == [round(pack_wall * e / 7, 2) for e in (1, 2, 4)]
+    alone = overrides_of(tmp_path, variants[1], epochs=4)
+    expected = train(compose_config(*alone), tmp_path / "alone", alone)
+    assert expected["epochs"] == 2  # early stopping in a pack stops a member where it stops the run alone
+    if form == "in_turn":
+        assert history(runs[1]) == history(expected)
+
+
+def test_auto_takes_the_form_its_own_timing_finds_faster_and_says_so(tmp_path, monkeypatch, caplog):
+    timed = []
+
+    def fake(members, datamodule, trainer, steps=packed.FORM_STEPS):
+        timed.append(len(members))
+        return ratios.pop(0)
+
+    monkeypatch.setattr(packed, "time_forms", fake)
+    ratios = [1.7, 0.6]
+    for name in ("faster", "slower"):
+        with caplog.at_level(logging.INFO, logger="alexnet_lab.packed"):  # as Hydra's job logging has it
+            train_pack(pack_file(tmp_path, [["seed=0"], ["seed=1"]], name, epochs=1, form="auto"))
+    assert timed == [2, 2]
+    for name, form, ratio in (("faster", "fused", 1.7), ("slower", "in_turn", 0.6)):
+        pack = read_metrics(tmp_path / name / "0_run")["pack"]
+        assert (pack["form"], pack["form_ratio"]) == (form, ratio)
+        assert f"pack form: {form}" in (tmp_path / name / "1_run" / "train.log").read_text()
+
+
+def test_time_forms_measures_both_forms_on_the_device(tmp_path):
+    from alexnet_lab.packed import PackedData, build_member, time_forms
+
+    job = read_pack(pack_file(tmp_path, [["seed=0"], ["seed=1"]], "timed")).jobs
+    labs = [load(OmegaConf.create(j.config), LabConfig) for j in job]
+    data = PackedData([(lab.data, lab.seed) for lab in labs])
+    data.prepare_data()
+    data.setup("fit")
+    members = [
+        build_member(i, j, logging.NullHandler(), lab, False, data)
+        for i, (j, lab) in enumerate(zip(job, labs, strict=True))
+    ]
+    before = [p.clone() for p in members[0].module.parameters()]
+    state = torch.get_rng_state()
+    ratio = time_forms(
+        members, data, lab_trainer(labs[0], tmp_path / "timed", [], [], enable_checkpointing=False), steps=1
+    )
+    assert math.isfinite(ratio) and ratio > 0
+    assert torch.equal(torch.get_rng_state(), state), "timing drew from the run's random numbers"
+    assert all(torch.equal(a, b) for a, b in zip(before, members[0].module.parameters(), strict=True))
 
 
 def test_changing_one_member_leaves_the_others_bit_identical(tmp_path):
@@ -191,7 +308,10 @@ def test_jobs_that_differ_in_shape_optimizer_or_epochs_do_not_share_a_pack():
     packs = plan(jobs, max_size=16)
     assert [[j.job for j in p.jobs] for p in packs] == [[0, 1], [2, 3]]
     lines = describe(packs, 16)
-    assert lines[0] == "packed sweep: 4 jobs in 2 packs (at most 16 members a pack)"
+    assert lines[0] == (
+        "packed sweep: 4 jobs in 2 packs (at most 16 members a pack; "
+        "each pack times fused against in turn, then trains the faster)"
+    )
     assert "pack 0: 2 jobs (#0-1): members differ in seed" in lines[1]
     assert "cannot share a pack with pack 0: model.downscale=16" in lines[2]
     for apart in (

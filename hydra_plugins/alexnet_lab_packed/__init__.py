@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 class PackedSweeper(BasicSweeper):
     """Hydra's basic sweeper whose jobs train in packs: ``max_size`` runs side by side at most."""
 
-    def __init__(self, max_size: Any = 16, max_batch_size: Any = None, params: Any = None) -> None:
+    def __init__(self, max_size: Any = 16, form: Any = "auto", max_batch_size: Any = None, params: Any = None) -> None:
         super().__init__(max_batch_size=None, params=params)  # one batch: the plan needs every job
-        self.max_size = max_size
+        self.max_size, self.form = max_size, form
 
     def sweep(self, arguments: list[str]) -> Any:
         from hydra._internal.callbacks import Callbacks
@@ -36,11 +36,13 @@ class PackedSweeper(BasicSweeper):
 
         from alexnet_lab.cli import prepare_job
         from alexnet_lab.errors import LabError, fail
-        from alexnet_lab.packing import PackJob, describe, plan, write_pack
+        from alexnet_lab.packing import FORMS, PackJob, describe, plan, write_pack
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         if isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < 1:
             fail(f"hydra.sweeper.max_size={self.max_size!r}: must be an integer >= 1 (the most runs one pack trains)")
+        if self.form not in FORMS:
+            fail(f"hydra.sweeper.form={self.form}: must be one of {', '.join(FORMS)} (how a pack runs its members)")
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         (jobs,) = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]), None)
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
@@ -67,7 +69,7 @@ class PackedSweeper(BasicSweeper):
             )
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         to_train = [r.return_value for r in prepared if r.status == JobStatus.COMPLETED]
-        packs = plan([job for job in to_train if isinstance(job, PackJob)], self.max_size)
+        packs = plan([job for job in to_train if isinstance(job, PackJob)], self.max_size, self.form)
         for line in describe(packs, self.max_size):
             log.info(line)
 
