@@ -122,6 +122,21 @@ def test_datamodule_gives_uint8_batches_and_float_on_the_device(make_raw, tmp_pa
     assert not torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], augmented)
 
 
+@pytest.mark.parametrize("on_device", [False, True])  # read from the cache, or gathered on the device
+def test_each_loader_serves_its_own_split_in_order(make_raw, tmp_path, on_device):
+    # val and test of different sizes, so a loader serving the other split shows in its length and images
+    raw = make_raw({"cat": 30, "dog": 20})
+    dm = ImageFolderDataModule(
+        small_data(raw, tmp_path, batch_size=4, on_device=on_device, val_fraction=0.2, test_fraction=0.1)
+    )
+    dm.setup("fit")
+    assert len(dm.val_idx) != len(dm.test_idx)
+    index = {dm.cache.images[i].tobytes(): i for i in range(len(dm.cache))}
+    for loader, split in ((dm.val_dataloader(), dm.val_idx), (dm.test_dataloader(), dm.test_idx)):
+        served = [index[image.cpu().numpy().tobytes()] for images, _ in loader for image in images]
+        assert served == split.tolist()  # every image of its split, once, in the split's order
+
+
 def test_balanced_datamodule_epoch_has_equal_classes(make_raw, tmp_path):
     raw = make_raw({"cat": 30, "dog": 10})
     dm = ImageFolderDataModule(small_data(raw, tmp_path, batch_size=5, balance=True))
