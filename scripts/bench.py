@@ -98,7 +98,7 @@ from alexnet_lab.data.preprocess import build_cache, scan_folder
 from alexnet_lab.data.sampling import epoch_order, epoch_seed
 from alexnet_lab.model import to_float
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
-from alexnet_lab.packing import Pack, PackJob, write_pack
+from alexnet_lab.packing import FORMS, Pack, PackJob, write_pack
 from alexnet_lab.train import train
 
 DOWNSCALES = (16, 8, 4)
@@ -549,13 +549,16 @@ class PackedStepStart(StepStart):
         self.clock.start_step(sum(len(part[1]) for part in batch if part is not None))
 
 
-def packed_epochs(cfgs: list[Any], work: Path, device: torch.device) -> tuple[list[Epoch], float, int]:
+def packed_epochs(
+    cfgs: list[Any], work: Path, device: torch.device, form: str
+) -> tuple[list[Epoch], float, int, dict[str, Any]]:
     """Train ``cfgs`` as one pack (``alexnet_lab.packed.train_pack``), as a packed sweep's job does; time its epochs.
 
-    The pack file is the sweeper's (one job per config, each its own run dir). The one change: our
-    clock among the callbacks of the pack's Trainer, listed as :func:`lightning_epochs` lists it.
-    Returns the epochs after the first (each K members' images), the run's seconds outside its
-    epochs, and how many of its run dirs have a metrics.json that says ok.
+    The pack file is the sweeper's (one job per config, each its own run dir; ``form``:
+    hydra.sweeper.form). The one change: our clock among the callbacks of the pack's Trainer, listed
+    as :func:`lightning_epochs` lists it. Returns the epochs after the first (each K members'
+    images), the run's seconds outside its epochs (auto's timing of the forms among them), how many
+    of its run dirs have a metrics.json that says ok, and the first one's ``pack`` (the form trained).
     """
     clock = EpochClock(device)
     clock.starter = PackedStepStart(clock)
@@ -570,22 +573,24 @@ def packed_epochs(cfgs: list[Any], work: Path, device: torch.device) -> tuple[li
         run_dir = pack_dir / f"{job}_bench"
         run_dir.mkdir()
         jobs.append(PackJob(job, str(run_dir), [f"seed={cfg.seed}"], plain(cfg)))
-    pack_file = write_pack(Pack(jobs, max_size=len(jobs)), pack_dir / "pack.json")
+    pack_file = write_pack(Pack(jobs, max_size=len(jobs), form=form), pack_dir / "pack.json")
     started = time.perf_counter()
     quiet = io.StringIO()  # progress bars and Lightning's banners stay out of the table and the JSON
     with mock.patch.object(alexnet_lab.packed, "lab_trainer", with_clock), contextlib.redirect_stdout(quiet):
         with contextlib.redirect_stderr(quiet):
             outcomes = alexnet_lab.packed.train_pack(pack_file)
     total = time.perf_counter() - started
-    ok = 0
+    ok, pack = 0, {}
     for job in jobs:
         metrics = Path(job.run_dir) / "metrics.json"
-        ok += metrics.exists() and json.loads(metrics.read_text()).get("status") == "ok"
+        found = json.loads(metrics.read_text()) if metrics.exists() else {}
+        ok += found.get("status") == "ok"
+        pack = pack or found.get("pack", {})
     shutil.rmtree(pack_dir, ignore_errors=True)
     statuses = [outcome.get("status") for outcome in outcomes.values()]
     if statuses != ["ok"] * len(cfgs) or len(clock.epochs) != cfgs[0].trainer.max_epochs:
         raise SystemExit(f"bench: the packed run failed ({statuses}):\n{quiet.getvalue()[-3000:]}")
-    return clock.epochs[1:], total - sum(epoch.seconds for epoch in clock.epochs), ok
+    return clock.epochs[1:], total - sum(epoch.seconds for epoch in clock.epochs), ok, pack
 
 
 def rate(epochs: list[Epoch]) -> float:
@@ -594,23 +599,26 @@ def rate(epochs: list[Epoch]) -> float:
 
 
 def packed_compare(
-    cfgs: list[Any], dm: ImageFolderDataModule, work: Path, device: torch.device, rounds: int
+    cfgs: list[Any], dm: ImageFolderDataModule, work: Path, device: torch.device, rounds: int, forms: list[str]
 ) -> dict[str, Any]:
-    """One pack of ``cfgs``, the same runs one after another, and as many bare loops, interleaved in rounds."""
-    sides = ["packed", "unpacked", "bare"]
+    """A pack of ``cfgs`` in each form, the same runs one after another, and as many bare loops, interleaved."""
+    sides = [*forms, "unpacked", "bare"]
     epochs: dict[str, list[list[Epoch]]] = {side: [] for side in sides}  # per round
     wall_s: dict[str, list[float]] = {side: [] for side in sides}  # per round: the side's whole time
-    run_overhead: dict[str, list[float]] = {"packed": [], "unpacked": []}
-    runs_ok = []
+    run_overhead: dict[str, list[float]] = {side: [] for side in [*forms, "unpacked"]}
+    runs_ok, chosen = [], []
     others_before, started = cpu_seconds_of_others(), time.perf_counter()
     for round_ in range(rounds):
-        for side in sides[round_ % 3 :] + sides[: round_ % 3]:  # each side first in turn
+        shift = round_ % len(sides)
+        for side in sides[shift:] + sides[:shift]:  # each side first in turn
             began = time.perf_counter()
             measured: list[Epoch] = []
-            if side == "packed":
-                measured, overhead, ok = packed_epochs(cfgs, work, device)
-                run_overhead["packed"].append(overhead)
+            if side in forms:
+                measured, overhead, ok, pack = packed_epochs(cfgs, work, device, side)
+                run_overhead[side].append(overhead)
                 runs_ok.append(ok)
+                if side == "auto":
+                    chosen.append({"form": pack.get("form"), "form_ratio": pack.get("form_ratio")})
             elif side == "unpacked":
                 for cfg in cfgs:
                     found, overhead = lightning_epochs(cfg, work, device)
@@ -626,19 +634,27 @@ def packed_compare(
             epochs[side].append(measured)
             wall_s[side].append(time.perf_counter() - began)
     rates = {side: [rate(found) for found in epochs[side]] for side in sides}
-
-    def ratios(side: str, against: str) -> list[float]:
-        return [ours / theirs for ours, theirs in zip(rates[side], rates[against], strict=True)]
-
-    vs_bare, vs_unpacked = ratios("packed", "bare"), ratios("packed", "unpacked")
+    found: dict[str, Any] = {}
+    # per form against bare loops; against the in-turn pack; the default form (auto, else the first) unpacked
+    default = "auto" if "auto" in forms else forms[0]
+    pairs = [(form, "bare") for form in forms] + [(form, "in_turn") for form in forms if form != "in_turn"]
+    pairs.append((default, "unpacked"))
+    for side, against in pairs:
+        ratios = [ours / theirs for ours, theirs in zip(rates[side], rates[against], strict=True)]
+        key = f"{side}_vs_{against}"
+        found[key], found[f"{key}_spread"] = statistics.median(ratios), [min(ratios), max(ratios)]
+        found.setdefault("rounds", {})[key] = ratios
+    # the names of issue 23's figures: the default form's
+    for key in ("vs_bare", "vs_unpacked"):
+        found[f"packed_{key}"], found[f"packed_{key}_spread"] = (
+            found[f"{default}_{key}"],
+            found[f"{default}_{key}_spread"],
+        )
     return {
-        "packed_vs_bare": statistics.median(vs_bare),
-        "packed_vs_bare_spread": [min(vs_bare), max(vs_bare)],
-        "packed_vs_unpacked": statistics.median(vs_unpacked),
-        "packed_vs_unpacked_spread": [min(vs_unpacked), max(vs_unpacked)],
+        **found,
         "images_per_s": {side: statistics.median(values) for side, values in rates.items()},
-        "rounds": {"packed_vs_bare": vs_bare, "packed_vs_unpacked": vs_unpacked},
-        "packed_images_per_epoch": statistics.median(e.images for found in epochs["packed"] for e in found),
+        "auto_chose": chosen,
+        "packed_images_per_epoch": statistics.median(e.images for found in epochs[default] for e in found),
         "member_images_per_epoch": statistics.median(e.images for found in epochs["unpacked"] for e in found),
         "packed_runs_ok": min(runs_ok),
         "epoch_s": {side: [e.seconds for found in epochs[side] for e in found] for side in sides},
@@ -652,33 +668,24 @@ def packed_vs_bare(
     args: argparse.Namespace, base: list[str], dm: ImageFolderDataModule, device: torch.device, work: Path
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
     """Every downscale, --packed K seeds: the JSON keys, and rows for the table."""
-    result: dict[str, Any] = {"packed": args.packed}
+    result: dict[str, Any] = {"packed": args.packed, "forms": args.forms}
     rows = []
     rounds = 1 if args.quick else (args.rounds or PACKED_ROUNDS)
     for downscale in args.downscales:
-        log(f"packed vs unpacked vs bare: {args.packed} seeds, downscale {downscale}, {rounds} rounds ...")
+        log(
+            f"packed ({', '.join(args.forms)}) vs unpacked vs bare: {args.packed} seeds, downscale {downscale},"
+            f" {rounds} rounds ..."
+        )
         switches = [f"model.downscale={downscale}"]
         cfgs = [compose([*base, *args.overrides, *switches, f"seed={seed}"]) for seed in range(args.packed)]
         dm.data.augment = bool(cfgs[0].data.augment)
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet)
-        found = packed_compare(cfgs, dm, work, device, rounds)
+        found = packed_compare(cfgs, dm, work, device, rounds, args.forms)
         name = f"d{downscale}"
-        for key in (
-            "packed_vs_bare",
-            "packed_vs_bare_spread",
-            "packed_vs_unpacked",
-            "packed_vs_unpacked_spread",
-            "images_per_s",
-            "rounds",
-            "packed_images_per_epoch",
-            "member_images_per_epoch",
-            "packed_runs_ok",
-            "epoch_s",
-            "wall_s",
-            "run_overhead_s",
-        ):
-            result.setdefault(key, {})[name] = found[key]
+        for key, value in found.items():
+            if key != "others_cores":
+                result.setdefault(key, {})[name] = value
         result.setdefault("other_processes_cores", {})[name] = found["others_cores"]
         rows.append((name, found))
     dm.data.augment = False
@@ -687,26 +694,29 @@ def packed_vs_bare(
 
 def packed_table(result: dict[str, Any], rows: list[tuple[str, dict[str, Any]]]) -> str:
     data, quick = result["data"], " | QUICK (rough)" if result["quick"] else ""
-    k = result["packed"]
+    k, forms = result["packed"], result["forms"]
+    sides = [*forms, "unpacked", "bare"]
+    ratios = [
+        key for key in rows[0][1] if "_vs_" in key and not key.endswith("_spread") and not key.startswith("packed_")
+    ]
     lines = [
         f"{result['device']} | torch {result['torch']} | lightning {result['lightning']} | {data['train_images']} "
         f"train images, {data['image_size']} px, batch {data['batch_size']} | packed: {k} seeds{quick}",
-        f"{'run':<5} {'packed img/s':>12} {'unpacked img/s':>14} {'bare img/s':>11}"
-        f" {'packed/bare (min-max)':>22} {'packed/unpacked (min-max)':>26} {'others cores':>13}",
+        "images/s: " + ", ".join(sides) + "; ratios: median of the rounds (min-max)",
     ]
     for name, found in rows:
         images = found["images_per_s"]
-        vs_bare = "{:.3f} ({:.3f}-{:.3f})".format(found["packed_vs_bare"], *found["packed_vs_bare_spread"])
-        vs_unpacked = "{:.3f} ({:.3f}-{:.3f})".format(found["packed_vs_unpacked"], *found["packed_vs_unpacked_spread"])
-        lines.append(
-            f"{name:<5} {images['packed']:>12.1f} {images['unpacked']:>14.1f} {images['bare']:>11.1f}"
-            f" {vs_bare:>22} {vs_unpacked:>26} {found['others_cores']:>13.2f}"
-        )
+        lines.append(f"{name:<5} images/s " + "  ".join(f"{side} {images[side]:.1f}" for side in sides))
+        for key in ratios:
+            low, high = found[f"{key}_spread"]
+            lines.append(f"{'':<5} {key.replace('_vs_', ' / '):<18} {found[key]:.3f} ({low:.3f}-{high:.3f})")
         walls = ", ".join(f"{side} {statistics.median(values):.1f}" for side, values in found["wall_s"].items())
+        chose = ", ".join(f"{c['form']} ({c['form_ratio']:.2f})" for c in found["auto_chose"] if c["form_ratio"])
         lines.append(
             f"{'':<5} a round's wall s (setup and test too): {walls}; packed epochs of"
             f" {found['packed_images_per_epoch']:.0f} images ({k} x {found['member_images_per_epoch']:.0f}),"
-            f" {found['packed_runs_ok']} of {k} run dirs ok"
+            f" {found['packed_runs_ok']} of {k} run dirs ok; others {found['others_cores']:.2f} cores"
+            + (f"; auto chose {chose}" if chose else "")
         )
     lines.append(
         f"other processes used {result['other_processes_cores']['whole_run']:.2f} cores on average; "
@@ -914,6 +924,12 @@ def parse_args() -> argparse.Namespace:
         f" (trainer.max_epochs={PACKED_EPOCHS}, --quick 3, unless given)",
     )
     parser.add_argument(
+        "--forms",
+        type=lambda text: text.split(","),
+        default=list(FORMS),
+        help=f"--packed: the pack's forms to time, each a contender (default {','.join(FORMS)}: hydra.sweeper.form)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="also measure torch.compile (and CUDA graphs on a GPU) on the training step",
@@ -1022,6 +1038,8 @@ def main() -> None:
     ]
     if args.packed is not None and args.packed < 2:
         raise SystemExit(f"bench: --packed {args.packed}: a pack has 2 or more runs")
+    if not args.forms or set(args.forms) - set(FORMS):
+        raise SystemExit(f"bench: --forms {','.join(args.forms)}: each one of {', '.join(FORMS)}")
     if args.quick:  # a few batches per epoch: the same code paths, rough numbers
         base += ["+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]
     cfg = compose([*base, *args.overrides])

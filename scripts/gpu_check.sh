@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, in one go, for whoever has a CUDA machine at hand:
 # the GPU tests, the benchmark (and that of packed sweeps, issue 23), and a timed replay of the
-# whole ablation (9 runs) one job at a time and packed with 5 seeds (45 runs), then (time
+# whole ablation (9 runs) one job at a time and packed with 10 seeds (90 runs), then (time
 # allowing) three jobs sharing the GPU and torch.compile / CUDA graphs.
 # Ends within BUDGET_S seconds (600: 10 minutes; 780 leaves room for the optional steps; REPLAY_S: the
-# replay's own limit, 150 s; REPLAY_PACKED_S: the packed replay's, 180 s);
+# replay's own limit, 150 s; REPLAY_PACKED_S: the packed replay's, 240 s);
 # every figure goes into one file.
 #
 #   scripts/gpu_check.sh [OUT_DIR]       # on the GPU machine, from anywhere; OUT_DIR: outputs/gpu_check/<time>
@@ -114,17 +114,17 @@ step bench 120 "$PYTHON" scripts/bench.py --json --rounds 2 --out "$OUT_DIR/benc
 QUICK=$([[ "${BENCH_ARGS:-}" == *--quick* ]] && echo --quick)  # a rehearsal's --quick, not its other arguments
 step bench_64px 80 "$PYTHON" scripts/bench.py --json --rounds 2 --out "$OUT_DIR/bench_64px.json" data.image_size=64 $QUICK \
     --downscales 16
-# packed sweeps (issue 23) where they should pay most: 10 seeds as one pack against the same 10 runs one after
-# another and 10 bare loops, at 64 px / downscale 16 (two rounds, not four: the budget)
-step bench_packed 150 "$PYTHON" scripts/bench.py --packed 10 --json --rounds 2 --out "$OUT_DIR/bench_packed.json" \
-    data.image_size=64 $QUICK --downscales 16
+# packed sweeps (issues 23, 27) where they should pay most: 16 seeds as one pack, fused and in turn, against the
+# same 16 runs one after another and 16 bare loops, at 64 px / downscale 16 (two rounds, not four: the budget)
+step bench_packed 180 "$PYTHON" scripts/bench.py --packed 16 --forms fused,in_turn --json --rounds 2 \
+    --out "$OUT_DIR/bench_packed.json" data.image_size=64 $QUICK --downscales 16
 
-# 4. the whole ablation replay, one job at a time (the basic launcher); with 5 seeds each in packs (the 45 runs as
+# 4. the whole ablation replay, one job at a time (the basic launcher); with 10 seeds each in packs (the 90 runs as
 # packs of the jobs that differ only in what a pack may vary); then (time allowing) three jobs sharing the GPU
 read -ra REPLAY_EXTRA <<< "${REPLAY_ARGS:-}"
 REPLAY=("experiment=glob(ablation_*)" trainer.enable_progress_bar=false data.progress=false ${REPLAY_EXTRA[@]+"${REPLAY_EXTRA[@]}"})
 step replay "${REPLAY_S:-150}" "$PYTHON" train.py -m "${REPLAY[@]}" "hydra.sweep.dir=$RUNS/replay"
-step replay_packed "${REPLAY_PACKED_S:-180}" "$PYTHON" train.py -m "${REPLAY[@]}" "seed=range(5)" hydra/sweeper=packed \
+step replay_packed "${REPLAY_PACKED_S:-240}" "$PYTHON" train.py -m "${REPLAY[@]}" "seed=range(10)" hydra/sweeper=packed \
     "hydra.sweep.dir=$RUNS/replay_packed"
 left=$(( DEADLINE - $(date +%s) ))
 if [ "$left" -ge 60 ] && "$PYTHON" -c "import hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
@@ -162,6 +162,7 @@ packed = out / "bench_packed.json"
 if packed.exists():
     found = json.loads(packed.read_text())
     keys = ("packed", "packed_vs_bare", "packed_vs_bare_spread", "packed_vs_unpacked", "packed_vs_unpacked_spread")
+    keys += ("fused_vs_bare", "fused_vs_bare_spread", "fused_vs_in_turn", "fused_vs_in_turn_spread")
     summary["bench_packed"] = {key: found.get(key) for key in (*keys, "images_per_s", "packed_runs_ok", "quick")}
 compiled = out / "bench_compile.json"
 if compiled.exists():
@@ -172,13 +173,13 @@ for name in ("replay", "replay_packed", "replay_3_jobs"):
     found = [json.loads(path.read_text()) for path in paths]
     if not found:
         continue
-    # per Lightning run: the members of a pack share its epochs and its wall_s, so a pack counts once
+    # per Lightning run: the members of a pack share its epochs and its wall time (pack.wall_s), so a pack counts once
     training, walls = {}, {}
     for path, m in zip(paths, found):
         where = (m.get("pack") or {}).get("id") or str(path.parent)
         seconds = sum(row.get("epoch_s", 0.0) for row in m.get("history", []))
         training[where] = max(training.get(where, 0.0), seconds)  # a pack's longest member
-        walls[where] = m.get("wall_s", 0.0)
+        walls[where] = (m.get("pack") or {}).get("wall_s", m.get("wall_s", 0.0))
     summary[name] = {
         "runs": len(found),
         "statuses": [m.get("status") for m in found],
@@ -193,6 +194,7 @@ for name in ("replay", "replay_packed", "replay_3_jobs"):
     }
     if name == "replay_packed":
         summary[name]["packs"] = len({m["pack"]["id"] for m in found if m.get("pack")})
+        summary[name]["forms"] = sorted({(m["pack"].get("form"), m["pack"].get("form_ratio")) for m in found if m.get("pack")}, key=str)
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=2))
 EOF
