@@ -254,6 +254,8 @@ class AlexNetStack:
             owner, _, leaf = name.rpartition(".")
             for k, net in enumerate(nets):
                 setattr(net.get_submodule(owner), leaf, nn.Parameter(stacked.detach()[k], param.requires_grad))
+        # each stacked parameter with its members' views, for the gradients after every backward
+        self._rows = [(stacked, [net.get_parameter(name) for net in nets]) for name, stacked in self.stacked.items()]
         # p of each member's dropout layers, by classifier layer name: (K,) each
         self._dropout_p = {
             name: [float(getattr(net.classifier, name).p) for net in nets]
@@ -276,20 +278,24 @@ class AlexNetStack:
         return self.train(False)
 
     def forward(
-        self, x: torch.Tensor, dropout: DropoutFn | None = None, members: Sequence[int] | None = None
+        self,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        dropout: DropoutFn | None = None,
+        members: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """x: (K', B, C, S, S) float, row j member ``members[j]``'s batch (all K members by default) -> logits
-        (K', B, num_classes), fused. ``dropout`` applies member k's dropout to its (B, F) slice in training mode
-        (default: torch's global stream, layer by layer, so not the draws of :meth:`in_turn`)."""
+        """x: (K', B, C, S, S) float, or K' tensors (B, C, S, S): row j member ``members[j]``'s batch (all K
+        members by default) -> logits (K', B, num_classes), fused. ``dropout`` applies member k's dropout to its
+        (B, F) slice in training mode (default: torch's global stream, layer by layer, so not the draws of
+        :meth:`in_turn`)."""
         ids = self._ids(members)
-        if x.shape[0] != len(ids):
-            raise ValueError(f"AlexNetStack.forward: x has {x.shape[0]} rows for {len(ids)} members")
+        if len(x) != len(ids):
+            raise ValueError(f"AlexNetStack.forward: x has {len(x)} rows for {len(ids)} members")
         if ids == list(range(len(self.members))):
             weights: dict[str, torch.Tensor] = dict(self.stacked)
         else:  # the subset's rows; autograd scatters their gradients back into those rows of the stack only
-            index = torch.tensor(ids, device=x.device)
+            index = torch.tensor(ids, device=x[0].device)
             weights = {name: _select_rows(stacked, index) for name, stacked in self.stacked.items()}
-        count, batch = x.shape[:2]
+        count, batch = len(x), len(x[0])
         h = self.grouped_images(x)  # (B, K'*C, S, S) channels-last
         first = self.members[0]
         for name, module in [*first.features.named_children(), ("avgpool", first.avgpool)]:
@@ -310,13 +316,19 @@ class AlexNetStack:
         return h
 
     @staticmethod
-    def grouped_images(x: torch.Tensor) -> torch.Tensor:
-        """(K', B, C, H, W) -> (B, K'*C, H, W) channels-last, member k's channels the k-th group: one copy."""
-        count, batch, channels, height, width = x.shape
-        # (B, H, W, K', C) merged to (B, H, W, K'*C) copies, except where C == 1 makes it a view of x in
-        # neither format: the conv then ran as NCHW, whose grouped backward took 30x as long at 256 px
-        h = x.permute(1, 3, 4, 0, 2).reshape(batch, height, width, count * channels).permute(0, 3, 1, 2)
-        return h.contiguous(memory_format=torch.channels_last)  # a no-op where the reshape copied
+    def grouped_images(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """(K', B, C, H, W), or K' tensors (B, C, H, W) -> (B, K'*C, H, W) channels-last, member k's channels the
+        k-th group: one copy, each member's batch written straight into its group."""
+        batch, channels, height, width = x[0].shape
+        grouped = torch.empty(  # (B, H, W, K'*C) in memory
+            (batch, len(x) * channels, height, width),
+            dtype=x[0].dtype,
+            device=x[0].device,
+            memory_format=torch.channels_last,
+        )
+        for k, images in enumerate(x):
+            grouped[:, k * channels : (k + 1) * channels].copy_(images)
+        return grouped
 
     def _image_layer(
         self, module: nn.Module, weights: dict[str, torch.Tensor], prefix: str, h: torch.Tensor, count: int
@@ -380,9 +392,8 @@ class AlexNetStack:
         grads (kept as they are where the stack has none, e.g. after an in_turn backward); inactive: None."""
         if len(active) != len(self.members):
             raise ValueError(f"AlexNetStack.member_grads: {len(active)} flags for {len(self.members)} members")
-        for name, stacked in self.stacked.items():
-            for k, net in enumerate(self.members):
-                param = net.get_parameter(name)
+        for stacked, params in self._rows:
+            for k, param in enumerate(params):
                 if not active[k]:
                     param.grad = None
                 elif stacked.grad is not None:

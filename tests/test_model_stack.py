@@ -248,6 +248,7 @@ def test_the_fused_input_is_one_channels_last_copy(channels: int) -> None:
     assert grouped.is_contiguous(memory_format=torch.channels_last) and grouped.shape == (BATCH, 3 * channels, 8, 8)
     assert grouped.data_ptr() != images.data_ptr()
     assert torch.equal(grouped, images.transpose(0, 1).reshape(BATCH, 3 * channels, 8, 8))
+    assert torch.equal(AlexNetStack.grouped_images(list(images)), grouped)  # the members' batches as they come
 
 
 @pytest.mark.parametrize("arch", ARCHS)
