@@ -5,10 +5,15 @@ may vary. :func:`train_pack` builds one data set and split, and per member its o
 :class:`~alexnet_lab.module.AlexNetClassifier` (seeded as that run alone would be: the same
 initial weights), sampler (its seed and balancing), augmentation (its magnitudes, its generator),
 dropout random numbers, optimizer parameter group (its learning rate), loggers, log file and run
-dir. One training step runs every member's forward and loss on its own batch in turn, then one
-backward over the sum of the losses (each member's gradient is its own loss's: the sum passes 1 to
-each) and one optimizer step over all parameter groups; validation and test batches are shared.
-What Lightning and the lab cost per step and per epoch is then paid once per pack.
+dir. The members' parameters are views of one :class:`~alexnet_lab.model.AlexNetStack` (a
+stacked tensor per layer), and a training step runs in one of two forms (``hydra.sweeper.form``):
+``fused``, the members as one net (one grouped convolution and one batched matmul per layer for
+all of them, each member's dropout from its own stream), or ``in_turn``, each member's own net on
+its batch one after another (bit for bit the run alone on a CPU); ``auto`` times a few steps of
+each on the pack's device first (:func:`time_forms`) and keeps the faster. Either way each member's
+gradient is its own loss's, and one optimizer step updates every parameter group (a member's own
+learning rate and the rest of its optim); validation and test batches are shared. What Lightning
+and the lab cost per step and per epoch is then paid once per pack.
 
 Each member is judged as a run of its own after every epoch: its history row, its loggers, its
 divergence guard and early stopping (a stopped member gets no more batches, so its weights and
@@ -16,7 +21,8 @@ optimizer state stay as they were), ``best.ckpt`` when its val accuracy improved
 every ``checkpoint_every`` epochs and when it stops. Its checkpoints hold its weights and optimizer
 state alone (eval.py, predict.py, ``ckpt_path=`` read them as any run's) plus the pack's loop
 state; ``resume=true`` (or a Slurm requeue) rebuilds the pack from its members' ``last.ckpt``. Its
-metrics.json has the fields of any run's, and ``pack``: where it trained.
+metrics.json has the fields of any run's, its share of the pack's wall time (by the epochs it
+trained), and ``pack``: where and in which form it trained, and the pack's wall time.
 """
 
 from __future__ import annotations
