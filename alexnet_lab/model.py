@@ -306,7 +306,9 @@ class AlexNetStack:
             prefix = f"classifier.{name}"
             if isinstance(module, nn.Linear):
                 bias, weight = weights[f"{prefix}.bias"], weights[f"{prefix}.weight"]  # (K', out), (K', out, in)
-                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))  # (K', B, out)
+                # W h^T, not h W^T: the weights' gradient then comes out in the stack's own (K', out, in)
+                # layout instead of being copied into it (at downscale 4, 38 MB a step: 1.25x the step)
+                h = torch.baddbmm(bias.unsqueeze(2), weight, h.transpose(1, 2)).transpose(1, 2)  # (K', B, out)
             elif isinstance(module, nn.ReLU):
                 h = F.relu(h, inplace=module.inplace)
             elif isinstance(module, nn.Dropout):
@@ -358,7 +360,7 @@ class AlexNetStack:
         rows = list(h.unbind(0))  # K' x (B, F)
         for row, k in enumerate(ids):
             if p[k] > 0:
-                rows[row] = draw(k, rows[row], p[k])
+                rows[row] = draw(k, rows[row].contiguous(), p[k])  # as the member draws on its own (B, F)
         return torch.stack(rows)
 
     def in_turn(
