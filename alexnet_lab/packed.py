@@ -57,7 +57,7 @@ from alexnet_lab.identity import finished_metrics, record_failure
 from alexnet_lab.inference import load_weights
 from alexnet_lab.model import AlexNet, AlexNetConfig, AlexNetStack, count_parameters, to_float
 from alexnet_lab.module import AlexNetClassifier, optimizer_class
-from alexnet_lab.packing import Pack, PackJob, read_pack
+from alexnet_lab.packing import FUSED_AT_LEAST, Pack, PackJob, read_pack
 from alexnet_lab.train import (
     DIVERGED,
     RunInterrupted,
@@ -817,7 +817,8 @@ def fit_members(
 ) -> dict[int, dict[str, Any]]:
     """One Lightning run of these members (continuing from their last.ckpt where they have one), tested, recorded.
 
-    ``form``: fused, in_turn, or auto (whichever :func:`time_forms` finds faster on the pack's device).
+    ``form``: fused, in_turn, or auto (fused where :func:`time_forms` finds it at least :data:`FUSED_AT_LEAST`
+    times as fast on the pack's device; a resumed pack goes on in the form it trained in).
     """
     started = time.perf_counter()
     for index, member in enumerate(members):  # their positions in this run's module and optimizer
@@ -826,9 +827,13 @@ def fit_members(
     datamodule.use([(member.lab.data, member.lab.seed) for member in members])
     shared = members[0].lab
     trainer = lab_trainer(shared, pack_dir, [MemberCallbacks(members)], [], enable_checkpointing=False)
-    ratio = time_forms(members, datamodule, trainer) if form == "auto" and len(members) > 1 else None
-    if ratio is not None:
-        form = "fused" if ratio > 1 else "in_turn"
+    ratio = None
+    saved = (members[0].resumed or {}).get("pack") or {}
+    if form == "auto" and saved.get("form") in ("fused", "in_turn"):  # a resumed pack goes on as it trained
+        form, ratio = saved["form"], saved.get("form_ratio")
+    elif form == "auto" and len(members) > 1:
+        ratio = time_forms(members, datamodule, trainer)
+        form = "fused" if ratio >= FUSED_AT_LEAST else "in_turn"
         log.info("pack form: %s (a fused step %.2fx the speed of one in turn here, timed)", form, ratio)
     form = "in_turn" if form == "auto" else form  # a part of one member: nothing to fuse
     where = {"id": pack_dir.name, "dir": str(pack_dir), "size": len(members), "form": form, "form_ratio": ratio}

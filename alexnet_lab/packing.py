@@ -72,6 +72,11 @@ PACK_CALLBACKS = (
 #: net one after another (bit for bit the run alone, on a CPU), ``auto`` whichever a few timed steps of
 #: each on the device at hand say is faster.
 FORMS = ("auto", "fused", "in_turn")
+#: auto trains fused only where a fused step measured at least this much faster: the two forms' numbers agree to
+#: float rounding only, which many epochs can grow into another run, so a choice near even (2 CPU cores,
+#: 12 members at 64 px: 1.11-1.17) must not flip between two runs of one command; clear wins are 1.3-1.6 (8 at
+#: 64 px, downscale 16) and clear losses 0.4-0.8 (256 px, or downscale 4)
+FUSED_AT_LEAST = 1.2
 
 
 @dataclass
@@ -184,7 +189,8 @@ def describe(packs: Sequence[Pack], max_size: int) -> list[str]:
     """The plan as lines: which jobs went into which pack, what varies inside it, why packs are apart."""
     jobs = sum(len(pack.jobs) for pack in packs)
     form = packs[0].form if packs else "auto"
-    how = "each pack times fused against in turn, then trains the faster" if form == "auto" else form.replace("_", " ")
+    how = f"each pack times fused against in turn, fused if {FUSED_AT_LEAST:g}x as fast" if form == "auto" else form
+    how = how.replace("in_turn", "in turn")
     lines = [f"packed sweep: {jobs} jobs in {len(packs)} packs (at most {max_size} members a pack; {how})"]
     base = next((index for index, pack in enumerate(packs) if pack.alone is None), 0)  # the settings compared with
     for index, pack in enumerate(packs):

@@ -13,7 +13,7 @@ import sys
 
 from conftest import ROOT, tiny_overrides
 
-from alexnet_lab.packing import FORMS
+from alexnet_lab.packing import FORMS, FUSED_AT_LEAST
 
 K = 2
 
@@ -44,7 +44,7 @@ def test_the_packed_benchmark_runs_and_reports_each_figure(tmp_path):
     assert set(found["images_per_s"]["d16"]) == {*FORMS, "unpacked", "bare"}
     assert found["packed_vs_bare"] == found["auto_vs_bare"], "the default form's figures under issue 23's names"
     ((chose,),) = found["auto_chose"].values()  # one round: auto timed the forms once and trained the faster
-    assert chose["form"] == ("fused" if chose["form_ratio"] > 1 else "in_turn")
+    assert chose["form"] == ("fused" if chose["form_ratio"] >= FUSED_AT_LEAST else "in_turn")
     # the pack trained K members: K run dirs with an ok metrics.json, K runs' images in each of its epochs
     assert found["packed_runs_ok"]["d16"] == K
     member = found["member_images_per_epoch"]["d16"]

@@ -28,7 +28,17 @@ from alexnet_lab.data.datamodule import ImageFolderDataModule
 from alexnet_lab.data.sampling import epoch_order
 from alexnet_lab.module import AlexNetClassifier
 from alexnet_lab.packed import optimizer_merge, optimizer_slice, train_pack
-from alexnet_lab.packing import Pack, PackJob, alone_reason, describe, pack_key, plan, read_pack, write_pack
+from alexnet_lab.packing import (
+    FUSED_AT_LEAST,
+    Pack,
+    PackJob,
+    alone_reason,
+    describe,
+    pack_key,
+    plan,
+    read_pack,
+    write_pack,
+)
 from alexnet_lab.train import lab_trainer, train
 
 #: val and test of different sizes (cat 18, dog 12: val 4 + 2, test 2 + 1), so a loader that served
@@ -198,15 +208,32 @@ def test_auto_takes_the_form_its_own_timing_finds_faster_and_says_so(tmp_path, m
         return ratios.pop(0)
 
     monkeypatch.setattr(packed, "time_forms", fake)
-    ratios = [1.7, 0.6]
-    for name in ("faster", "slower"):
+    ratios = [1.7, 0.6, FUSED_AT_LEAST - 0.05]
+    for name in ("faster", "slower", "near_even"):
         with caplog.at_level(logging.INFO, logger="alexnet_lab.packed"):  # as Hydra's job logging has it
             train_pack(pack_file(tmp_path, [["seed=0"], ["seed=1"]], name, epochs=1, form="auto"))
-    assert timed == [2, 2]
-    for name, form, ratio in (("faster", "fused", 1.7), ("slower", "in_turn", 0.6)):
+    assert timed == [2, 2, 2]
+    near = FUSED_AT_LEAST - 0.05  # a little faster is not enough: a choice near even would flip run to run
+    for name, form, ratio in (("faster", "fused", 1.7), ("slower", "in_turn", 0.6), ("near_even", "in_turn", near)):
         pack = read_metrics(tmp_path / name / "0_run")["pack"]
         assert (pack["form"], pack["form_ratio"]) == (form, ratio)
         assert f"pack form: {form}" in (tmp_path / name / "1_run" / "train.log").read_text()
+
+
+def test_a_resumed_pack_goes_on_in_the_form_it_trained_in_without_timing_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(packed, "time_forms", lambda *args, **kwargs: 1.7)
+    file = pack_file(tmp_path, [["seed=0", "resume=true"], ["seed=1", "resume=true"]], "pack", form="auto")
+    train_pack(file)
+    for number in (0, 1):  # as if killed after its last checkpoint: not finished
+        (tmp_path / "pack" / f"{number}_run" / "metrics.json").unlink()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a resumed pack timed the forms again")
+
+    monkeypatch.setattr(packed, "time_forms", no_timing)
+    train_pack(file)
+    pack = read_metrics(tmp_path / "pack" / "1_run")["pack"]
+    assert (pack["form"], pack["form_ratio"]) == ("fused", 1.7)
 
 
 def test_time_forms_measures_both_forms_on_the_device(tmp_path):
@@ -310,7 +337,7 @@ def test_jobs_that_differ_in_shape_optimizer_or_epochs_do_not_share_a_pack():
     lines = describe(packs, 16)
     assert lines[0] == (
         "packed sweep: 4 jobs in 2 packs (at most 16 members a pack; "
-        "each pack times fused against in turn, then trains the faster)"
+        "each pack times fused against in turn, fused if 1.2x as fast)"
     )
     assert "pack 0: 2 jobs (#0-1): members differ in seed" in lines[1]
     assert "cannot share a pack with pack 0: model.downscale=16" in lines[2]
@@ -440,7 +467,9 @@ LONG = ["data.synthetic.counts={cat:60,dog:40}", "data.augment=true", "model.dro
 
 @pytest.mark.slow
 def test_kill_9_in_a_pack_then_resume_gives_the_uninterrupted_figures(tmp_path):
+    # fused (auto would time the forms afresh for the uninterrupted sweep, and might choose the other one)
     args = ["-m", "seed=0,1,2", *tiny_overrides(tmp_path, epochs=8), *LONG, "hydra/sweeper=packed"]
+    args.append("hydra.sweeper.form=fused")
     whole = run_train([*args, f"hydra.sweep.dir={tmp_path / 'whole'}"], cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = tmp_path / "killed"
@@ -463,6 +492,7 @@ def test_kill_9_in_a_pack_then_resume_gives_the_uninterrupted_figures(tmp_path):
         (a,), (b,) = (tmp_path / "whole").glob(f"{seed}_*"), killed.glob(f"{seed}_*")
         assert history(read_metrics(b)) == history(read_metrics(a))
         assert read_metrics(b)["test_set"] == read_metrics(a)["test_set"]
+        assert read_metrics(b)["pack"]["form"] == "fused"
 
 
 @pytest.mark.slow
