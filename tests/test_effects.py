@@ -192,8 +192,9 @@ def shared_test_set(true: list[int], pred: list[int]) -> dict:
     return {"data": "abc", "split_seed": 0, "true": true, "pred": pred}
 
 
-def seeds_sweep(tmp_path, values: dict[str, list[float]]) -> list:
-    """One experiment per step, one run per seed, test balanced accuracy as given."""
+def seeds_sweep(tmp_path, values: dict[str, list[float]], overrides: list[str] | None = None) -> list:
+    """One experiment per step, one run per seed, test balanced accuracy as given; ``overrides``: the command
+    line's besides the step and the seed, written to each run's .hydra/overrides.yaml (none written if None)."""
     job = 0
     steps = {
         "s0_bare": {},
@@ -208,6 +209,7 @@ def seeds_sweep(tmp_path, values: dict[str, list[float]]) -> list:
                 config=with_changes(seed=seed, **steps[step]),
                 metrics={"test_balanced_acc": acc},
                 experiment=step,
+                overrides=None if overrides is None else [f"experiment={step}", f"seed={seed}", *overrides],
             )
             job += 1
     return group_runs(load_runs(tmp_path))
@@ -411,19 +413,7 @@ def test_the_report_knows_how_many_jobs_a_sweep_has(overrides, jobs):
 def test_the_report_gives_the_command_that_adds_the_seeds_unsettled_steps_need(tmp_path):
     sweep = tmp_path / "sweep"
     values = {"s0_bare": [0.70, 0.72, 0.71], "s1_dropout": [0.71, 0.73, 0.70], "s2_augment": [0.80, 0.82, 0.81]}
-    changes = {"s0_bare": {}, "s1_dropout": {"model": {"dropout": 0.5}}, "s2_augment": {"data": {"augment": True}}}
-    job = 0
-    for step, accs in values.items():
-        for seed, acc in enumerate(accs):
-            make_run(
-                sweep,
-                f"{job}_{step},seed={seed}",
-                config=with_changes(seed=seed, **changes[step]),
-                metrics={"test_balanced_acc": acc},
-                experiment=step,
-                overrides=[f"experiment={step}", f"seed={seed}", "trainer.max_epochs=15", "resume=true"],
-            )
-            job += 1
+    seeds_sweep(sweep, values, ["trainer.max_epochs=15", "resume=true"])
     experiments = group_runs(load_runs(sweep))
     found = effects(experiments)
     assert [e.verdict for e in found] == ["unsettled", "better"]
