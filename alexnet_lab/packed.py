@@ -787,6 +787,28 @@ def time_forms(
     return float(np.median(times["in_turn"][1:]) / np.median(times["fused"][1:]))
 
 
+def choose_form(
+    form: str, members: Sequence[Member], datamodule: PackedData, trainer: pl.Trainer
+) -> tuple[str, float | None]:
+    """fused or in_turn, and the ratio auto timed (None where it timed none).
+
+    auto: fused where :func:`time_forms` finds it at least :data:`~alexnet_lab.packing.FUSED_AT_LEAST`
+    times as fast on the pack's device; a resumed pack goes on in the form its checkpoints name; a
+    part of one member has nothing to fuse.
+    """
+    saved = (members[0].resumed or {}).get("pack") or {}
+    if form != "auto":
+        return form, None
+    if saved.get("form") in ("fused", "in_turn"):
+        return saved["form"], saved.get("form_ratio")
+    if len(members) < 2:
+        return "in_turn", None
+    ratio = time_forms(members, datamodule, trainer)
+    form = "fused" if ratio >= FUSED_AT_LEAST else "in_turn"
+    log.info("pack form: %s (a fused step %.2fx the speed of one in turn here, timed)", form, ratio)
+    return form, ratio
+
+
 def fitting(members: list[Member], datamodule: PackedData) -> list[list[Member]]:
     """The members in parts that fit the GPU's free memory at once (by :func:`member_bytes`); one part on a CPU."""
     device = (
@@ -817,8 +839,7 @@ def fit_members(
 ) -> dict[int, dict[str, Any]]:
     """One Lightning run of these members (continuing from their last.ckpt where they have one), tested, recorded.
 
-    ``form``: fused, in_turn, or auto (fused where :func:`time_forms` finds it at least :data:`FUSED_AT_LEAST`
-    times as fast on the pack's device; a resumed pack goes on in the form it trained in).
+    ``form``: fused, in_turn, or auto (:func:`choose_form`).
     """
     started = time.perf_counter()
     for index, member in enumerate(members):  # their positions in this run's module and optimizer
@@ -827,15 +848,7 @@ def fit_members(
     datamodule.use([(member.lab.data, member.lab.seed) for member in members])
     shared = members[0].lab
     trainer = lab_trainer(shared, pack_dir, [MemberCallbacks(members)], [], enable_checkpointing=False)
-    ratio = None
-    saved = (members[0].resumed or {}).get("pack") or {}
-    if form == "auto" and saved.get("form") in ("fused", "in_turn"):  # a resumed pack goes on as it trained
-        form, ratio = saved["form"], saved.get("form_ratio")
-    elif form == "auto" and len(members) > 1:
-        ratio = time_forms(members, datamodule, trainer)
-        form = "fused" if ratio >= FUSED_AT_LEAST else "in_turn"
-        log.info("pack form: %s (a fused step %.2fx the speed of one in turn here, timed)", form, ratio)
-    form = "in_turn" if form == "auto" else form  # a part of one member: nothing to fuse
+    form, ratio = choose_form(form, members, datamodule, trainer)
     where = {"id": pack_dir.name, "dir": str(pack_dir), "size": len(members), "form": form, "form_ratio": ratio}
     module = PackedClassifier(members, where, datamodule, form)
     resume_from = None
