@@ -104,12 +104,16 @@ def _config_subdir(resume: bool) -> str | None:
 
 
 def _sweep_subdir(job: Any, name: str, *, _root_: DictConfig) -> str:
-    """A sweep job's dir: ``<job>_<name>``, unless a dir of the sweep dir already holds this very run (config and seed).
+    """A sweep job's dir: ``<job>_<name>``; with ``resume=true``, the dir of the sweep dir that already holds this
+    very run (config and seed), if one does.
 
     So a sweep rerun into its sweep dir with more seeds (``hydra.sweep.dir=... resume=true``)
     finds its finished runs whatever job numbers the longer sweep gives them, and never leaves
-    two dirs of one run.
+    two dirs of one run. Without resume a sweep's jobs keep their own dirs: a search may draw one
+    setting twice, and a rerun that does not resume trains every job again anyway.
     """
+    if not _root_.get("resume"):
+        return f"{job}_{name}"
     config = OmegaConf.to_container(_root_, resolve=False)
     assert isinstance(config, dict)
     task = {str(key): value for key, value in config.items() if key != "hydra"}  # what Hydra saves as config.yaml

@@ -248,12 +248,17 @@ def home_of(sweep_dir: Path, config: Mapping[str, Any], choices: Mapping[Any, An
     it (left by an older lab), the finished one, else the first.
     """
     wanted = run_identity(_Recorded(flatten(config), group_choices(choices)))
+    # Hydra writes multirun.yaml as a sweep starts: a dir whose config is newer is one of this sweep's own jobs
+    # (e.g. -m logger=csv,none: two jobs of one run identity), never an older run to continue
+    started = (sweep_dir / "multirun.yaml").stat().st_mtime_ns if (sweep_dir / "multirun.yaml").is_file() else None
     found = []
     for run_dir in sorted(sweep_dir.iterdir(), key=lambda p: natural_key(p.name)) if sweep_dir.is_dir() else []:
         saved = run_dir / ".hydra" / "config.yaml"
         if not JOB_DIR.match(run_dir.name) or not saved.is_file():
             continue
         stamp = saved.stat().st_mtime_ns
+        if started is not None and stamp >= started:
+            continue
         if run_dir not in _identities or _identities[run_dir][0] != stamp:
             stored, stored_choices = recorded_config(run_dir)
             _identities[run_dir] = (stamp, run_identity(_Recorded(flatten(stored), stored_choices)))

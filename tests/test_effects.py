@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -455,6 +456,25 @@ def test_a_sweep_job_finds_the_dir_that_already_holds_its_run(tmp_path):
     assert home_of(sweep, with_changes(seed=1, model={"dropout": 0.5}), choices) is None
     assert home_of(sweep, with_changes(seed=1), {**choices, "experiment": "b"}) is None
     assert home_of(tmp_path / "nowhere", job, choices) is None
+    # a sweep's own jobs, made since it started (its multirun.yaml), are not older runs to continue
+    for old in sweep.glob("*/.hydra/config.yaml"):  # written well before the sweep (file times are coarse)
+        os.utime(old, ns=(old.stat().st_mtime_ns - 10**9,) * 2)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    make_run(sweep, "7_a,seed=2,logger=csv", config=with_changes(seed=2), experiment="a")  # this sweep's job 7
+    assert home_of(sweep, job, choices) == "1_a,seed=1"
+    assert home_of(sweep, with_changes(seed=2), choices) is None  # job 8 (logger=none): a dir of its own
+
+
+def test_two_jobs_of_one_run_identity_in_one_sweep_keep_their_own_dirs(tmp_path):
+    from conftest import run_in_process
+
+    # when last.ckpt is saved does not change what is learned: to the run identity these two jobs are one run
+    sweep = tmp_path / "sweep"
+    args = ["-m", *tiny_overrides(tmp_path), "checkpoint_every=1,5", "resume=true", f"hydra.sweep.dir={sweep}"]
+    code, _, err = run_in_process(args)
+    assert code == 0, err
+    runs = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert [name.split("_", 1)[0] for name in runs] == ["0", "1"], runs  # not both in job 0's dir
 
 
 @pytest.mark.slow
