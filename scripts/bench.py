@@ -378,8 +378,10 @@ def lightning_epochs(
 class FloorModule(AlexNetClassifier):
     """The lab's module with nothing of the lab around it: the same forward, loss and optimizer; no metrics or logs."""
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.forward(batch[0])
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], key: str, logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.forward(batch[0]) if logits is None else logits
         return F.cross_entropy(logits, batch[1]), logits
 
     def on_train_epoch_end(self) -> None:
