@@ -834,6 +834,22 @@ def fitting(members: list[Member], datamodule: PackedData) -> list[list[Member]]
     return [members[start : start + fits] for start in range(0, len(members), fits)]
 
 
+def resume_checkpoint(members: list[Member], pack_dir: Path) -> Path | None:
+    """One checkpoint of the pack, put together from the resumed members' own (None: a fresh pack)."""
+    if members[0].resumed is None:
+        return None
+    resume_from = pack_dir / "resume.ckpt"
+    checkpoints = [member.resumed or {} for member in members]  # all resumed: grouped by their epoch
+    state = {
+        f"nets.{m.index}.{name}": value
+        for m, c in zip(members, checkpoints, strict=True)
+        for name, value in c["state_dict"].items()
+    }
+    optimizer = optimizer_merge([c["optimizer_states"][0] for c in checkpoints])
+    torch.save({**checkpoints[0], "state_dict": state, "optimizer_states": [optimizer], "callbacks": {}}, resume_from)
+    return resume_from
+
+
 def fit_members(
     members: list[Member], datamodule: PackedData, pack_dir: Path, form: str = "auto"
 ) -> dict[int, dict[str, Any]]:
@@ -851,19 +867,7 @@ def fit_members(
     form, ratio = choose_form(form, members, datamodule, trainer)
     where = {"id": pack_dir.name, "dir": str(pack_dir), "size": len(members), "form": form, "form_ratio": ratio}
     module = PackedClassifier(members, where, datamodule, form)
-    resume_from = None
-    if members[0].resumed is not None:  # one checkpoint of the pack, put together from the members' own
-        resume_from = pack_dir / "resume.ckpt"
-        checkpoints = [member.resumed or {} for member in members]  # all resumed: grouped by their epoch
-        state = {
-            f"nets.{m.index}.{name}": value
-            for m, c in zip(members, checkpoints, strict=True)
-            for name, value in c["state_dict"].items()
-        }
-        optimizer = optimizer_merge([c["optimizer_states"][0] for c in checkpoints])
-        torch.save(
-            {**checkpoints[0], "state_dict": state, "optimizer_states": [optimizer], "callbacks": {}}, resume_from
-        )
+    resume_from = resume_checkpoint(members, pack_dir)
     for member in members:
         for logger in member.loggers:  # the whole config, resolved, as train() logs it
             logger.log_hyperparams(member.job.config)
