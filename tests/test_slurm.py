@@ -242,7 +242,9 @@ def test_a_job_cancelled_before_its_result_fails_the_sweep_instead_of_hanging(sl
 @on_local_slurm
 def test_a_pack_is_one_slurm_job_and_a_preempted_pack_resumes_every_member(slurm, data, tmp_path):
     sweep = tmp_path / "sweep"
-    with long_sweep_running(sweep, data, "seed=0,1", "hydra/sweeper=packed") as process:
+    # in turn: bit for bit the runs alone (auto times the forms on a busy machine and may train fused)
+    packed_in_turn = ("hydra/sweeper=packed", "hydra.sweeper.form=in_turn")
+    with long_sweep_running(sweep, data, "seed=0,1", *packed_in_turn) as process:
         wait_for(lambda: any(sweep.glob("1_*/checkpoints/last.ckpt")) or process.poll() is not None, what="an epoch")
         assert process.poll() is None, "the pack finished before the signal: make LONG_RUN longer"
         (job,) = job_ids(sweep)  # the two runs are one Slurm job
@@ -258,7 +260,7 @@ def test_a_pack_is_one_slurm_job_and_a_preempted_pack_resumes_every_member(slurm
         (run,) = sweep.glob(f"{seed}_*")
         assert "resuming from" in (run / "train.log").read_text(), "the requeued pack continues from last.ckpt"
         packed = read_metrics(run)
-        assert packed["pack"]["size"] == 2
+        assert (packed["pack"]["size"], packed["pack"]["form"]) == (2, "in_turn")
         assert comparable(packed) == comparable(read_metrics(tmp_path / str(seed)))
 
 
