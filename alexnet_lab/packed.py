@@ -796,9 +796,9 @@ def choose_form(
     times as fast on the pack's device; a resumed pack goes on in the form its checkpoints name; a
     part of one member has nothing to fuse.
     """
-    saved = (members[0].resumed or {}).get("pack") or {}
     if form != "auto":
         return form, None
+    saved = (members[0].resumed or {}).get("pack") or {}
     if saved.get("form") in ("fused", "in_turn"):
         return saved["form"], saved.get("form_ratio")
     if len(members) < 2:

@@ -425,19 +425,27 @@ def test_a_packed_sweep_prints_its_plan_and_gives_runs_every_command_takes(tmp_p
     assert code == 0 and (out + err).count("already finished") == 4, err[-2000:]
 
 
-def test_a_bad_pack_setting_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("max_size=0", "max_size=0: must be an integer >= 1 (the most runs one pack trains)"),
+        ("form=fast", "form=fast: must be one of auto, fused, in_turn (how a pack runs its members)"),
+    ],
+)
+def test_a_bad_pack_setting_is_one_line(tmp_path, setting, says):
     code, out, err = run_in_process(
         [
             "-m",
             "seed=0,1",
             *overrides_of(tmp_path, []),
             "hydra/sweeper=packed",
-            "hydra.sweeper.max_size=0",
+            f"hydra.sweeper.{setting}",
             f"hydra.sweep.dir={tmp_path / 's'}",
         ]
     )
     assert code == 2
-    assert err.strip() == "error: hydra.sweeper.max_size=0: must be an integer >= 1 (the most runs one pack trains)"
+    assert err.strip() == f"error: hydra.sweeper.{says}"
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").glob("*/metrics.json")), "nothing trained"
 
 
 def test_a_job_with_a_bad_value_fails_alone_and_the_pack_trains(tmp_path):
